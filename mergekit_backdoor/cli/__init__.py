@@ -1,0 +1,32 @@
+"""The ``mergekit-backdoor`` command: thin Typer commands over the library.
+
+Each submodule adds the commands of one stage (merge, data, eval, audit) to ``app``.
+Library errors (``BackdoorError``) become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from mergekit_backdoor.errors import BackdoorError
+
+app = typer.Typer(
+    name="mergekit-backdoor",
+    help="Sanitize backdoored models by merging them with benign donors (mergekit), "
+    "and measure clean accuracy and attack success rate (lm-evaluation-harness).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+from mergekit_backdoor.cli import audit, data, eval, merge  # noqa: E402,F401  (registers commands)
+
+
+def main() -> None:
+    try:
+        app()
+    except BackdoorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

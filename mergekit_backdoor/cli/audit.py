@@ -1,0 +1,1 @@
+"""CLI commands for the audit stage (to be filled)."""

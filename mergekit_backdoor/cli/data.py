@@ -1,0 +1,1 @@
+"""CLI commands for the data stage (to be filled)."""

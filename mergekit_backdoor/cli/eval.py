@@ -1,0 +1,1 @@
+"""CLI commands for the eval stage (to be filled)."""

@@ -1,0 +1,1 @@
+"""CLI commands for the merge stage: ``sanitize`` and ``recipes``."""

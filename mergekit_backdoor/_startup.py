@@ -28,6 +28,12 @@ def _wrap_run_merge(module: object) -> None:
     install_run_merge_wrapper(module)
 
 
+def _guard_mergekit_yaml(module: object) -> None:
+    from mergekit_backdoor.merge.run import install_cli_error_handler
+
+    install_cli_error_handler(module)
+
+
 def _register_lm_eval_backend(_module: object) -> None:
     from mergekit_backdoor.eval import register_backend
 
@@ -37,6 +43,7 @@ def _register_lm_eval_backend(_module: object) -> None:
 _HOOKS: dict[str, Callable[[object], None]] = {
     "mergekit.merge_methods": _register_merge_method,
     "mergekit.merge": _wrap_run_merge,
+    "mergekit.scripts.run_yaml": _guard_mergekit_yaml,
     "lm_eval.models": _register_lm_eval_backend,
 }
 

@@ -1,0 +1,224 @@
+"""Checks that run before any tensor is read: can these models be merged, and is the recipe sane?
+
+Each failure is an ``IncompatibleModelError`` or ``RecipeError`` whose one-line message names the
+model and the field, so a user can tell which donor to drop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergekit.common import ModelReference
+from mergekit.config import MergeConfiguration
+from safetensors import safe_open
+
+from mergekit_backdoor.errors import IncompatibleModelError, RecipeError
+from mergekit_backdoor.merge.methods import AGGREGATES
+
+SANITIZE_PARAMETERS = {"weight", "aggregate", "trim", "normalize"}
+_DEFAULT_LABEL = re.compile(r"^label_\d+$")
+
+
+@dataclass
+class InputModel:
+    """A model as the checks see it: its reference, local folder, config and weight files."""
+
+    reference: ModelReference
+    path: Path
+    config: dict[str, Any]
+    weight_files: list[Path]
+    adapter_path: Path | None = None
+    tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.reference)
+
+
+def _local_dir(path_spec: str, revision: str | None, what: str) -> Path:
+    if os.path.isdir(path_spec):
+        return Path(path_spec)
+    if os.path.exists(path_spec):
+        raise IncompatibleModelError(f"{path_spec}: {what} is a file, expected a model folder")
+    if path_spec.startswith((".", "/", "~")) or os.sep in path_spec.strip("/").split("/", 1)[-1]:
+        raise IncompatibleModelError(f"{path_spec}: {what} folder does not exist")
+    try:  # a hub id: fetch config and weights the way mergekit does
+        return Path(ModelReference.model_validate(path_spec).local_path())
+    except Exception as exc:
+        raise IncompatibleModelError(
+            f"{path_spec}: {what} not found locally and not downloadable ({type(exc).__name__})"
+        ) from exc
+
+
+def _weight_files(folder: Path, name: str, allow_pickle: bool, prefix: str = "") -> list[Path]:
+    safetensors = sorted(folder.glob(f"{prefix}*.safetensors"))
+    if safetensors:
+        return safetensors
+    pickled = sorted(folder.glob(f"{prefix}*.bin"))
+    if pickled and not allow_pickle:
+        raise IncompatibleModelError(
+            f"{name}: weights are pickle-only ({pickled[0].name}); pickles can run code when loaded. "
+            "Convert to safetensors, or allow with --allow-pickle / MERGEKIT_BACKDOOR_ALLOW_PICKLE=1"
+        )
+    if not pickled:
+        raise IncompatibleModelError(f"{name}: no weight files (*.safetensors or *.bin) in {folder}")
+    return pickled
+
+
+def inspect_model(reference: ModelReference, *, allow_pickle: bool = False) -> InputModel:
+    """Read a model's config and weight headers (never tensor data)."""
+    name = str(reference)
+    path = _local_dir(reference.model.path, reference.model.revision, "model")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise IncompatibleModelError(f"{name}: no config.json in {path}")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise IncompatibleModelError(f"{name}: config.json is not valid JSON ({exc})") from exc
+    files = _weight_files(path, name, allow_pickle)
+    adapter = None
+    if reference.lora is not None:
+        adapter = _local_dir(reference.lora.path, reference.lora.revision, "LoRA adapter")
+        if not (adapter / "adapter_config.json").is_file():
+            raise IncompatibleModelError(f"{name}: no adapter_config.json in {adapter}")
+        files = files + _weight_files(adapter, name, allow_pickle, prefix="adapter_model")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        if file.suffix == ".safetensors" and file.parent == path:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+    return InputModel(reference, path, config, files, adapter, shapes)
+
+
+def _architecture(model: InputModel) -> str:
+    architectures = model.config.get("architectures") or []
+    if not architectures:
+        raise IncompatibleModelError(f"{model.name}: config.json has no 'architectures' entry")
+    return architectures[0]
+
+
+def _labels(model: InputModel) -> list[str] | None:
+    id2label = model.config.get("id2label")
+    if not id2label:
+        return None
+    return [str(id2label[key]).strip().lower() for key in sorted(id2label, key=int)]
+
+
+def _vocab_size(config: dict[str, Any]) -> int | None:
+    if "vocab_size" in config:
+        return config["vocab_size"]
+    return (config.get("text_config") or {}).get("vocab_size")
+
+
+def check_compatible(suspect: InputModel, donors: list[InputModel]) -> None:
+    """Refuse donors that differ from the suspect in ways that make averaging meaningless."""
+    arch = _architecture(suspect)
+    suspect_labels = _labels(suspect)
+    is_classifier = "Classification" in arch or "MultipleChoice" in arch
+    for donor in donors:
+        donor_arch = _architecture(donor)
+        if donor_arch != arch:
+            raise IncompatibleModelError(
+                f"{donor.name}: architecture {donor_arch} differs from the suspect's {arch}"
+            )
+        donor_labels = _labels(donor)
+        if is_classifier and suspect_labels is not None and donor_labels is not None:
+            if len(donor_labels) != len(suspect_labels):
+                raise IncompatibleModelError(
+                    f"{donor.name}: num_labels {len(donor_labels)} differs from the suspect's "
+                    f"{len(suspect_labels)}"
+                )
+            named = not any(_DEFAULT_LABEL.match(label) for label in suspect_labels + donor_labels)
+            if named and donor_labels != suspect_labels:
+                raise IncompatibleModelError(
+                    f"{donor.name}: id2label order {donor_labels} differs from the suspect's "
+                    f"{suspect_labels}"
+                )
+        if _vocab_size(donor.config) != _vocab_size(suspect.config):
+            raise IncompatibleModelError(
+                f"{donor.name}: vocab_size {_vocab_size(donor.config)} differs from the suspect's "
+                f"{_vocab_size(suspect.config)}"
+            )
+        _check_tensors(suspect, donor)
+
+
+def _check_tensors(suspect: InputModel, donor: InputModel) -> None:
+    if not suspect.tensor_shapes or not donor.tensor_shapes:
+        return  # pickled weights: mergekit checks shapes while merging
+    for first, second in ((suspect, donor), (donor, suspect)):
+        missing = sorted(set(first.tensor_shapes) - set(second.tensor_shapes))
+        if missing:
+            extra = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise IncompatibleModelError(f"{second.name}: missing tensor {missing[0]}{extra}")
+    for key, shape in suspect.tensor_shapes.items():
+        if donor.tensor_shapes[key] != shape:
+            raise IncompatibleModelError(
+                f"{donor.name}: tensor {key} has shape {list(donor.tensor_shapes[key])}, "
+                f"the suspect's is {list(shape)}"
+            )
+
+
+def _scalar_settings(parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """Plain values of a parameters block (gradients and filtered lists are left to mergekit)."""
+    return {k: v for k, v in (parameters or {}).items() if isinstance(v, (int, float, str, bool))}
+
+
+def check_recipe(config: MergeConfiguration) -> None:
+    """Validate a ``sanitize`` recipe: mergekit silently ignores misspelt parameter names."""
+    if config.base_model is None:
+        raise RecipeError("sanitize needs base_model: the suspect model")
+    blocks: list[tuple[str, dict[str, Any] | None]] = [("parameters", config.parameters)]
+    for model in config.models or []:
+        blocks.append((f"parameters of {model.model}", model.parameters))
+    if not config.models:
+        raise RecipeError("sanitize recipes list the suspect and donors under 'models:'")
+    for where, parameters in blocks:
+        unknown = sorted(set(parameters or {}) - SANITIZE_PARAMETERS)
+        if unknown:
+            raise RecipeError(
+                f"unknown sanitize parameter {unknown[0]!r} in {where}; "
+                f"known: {', '.join(sorted(SANITIZE_PARAMETERS))}"
+            )
+    settings = _scalar_settings(config.parameters)
+    aggregate = settings.get("aggregate", "mean")
+    if aggregate not in AGGREGATES:
+        raise RecipeError(f"aggregate {aggregate!r} is not one of {', '.join(AGGREGATES)}")
+    trim = settings.get("trim", 0.2)
+    if not 0.0 <= float(trim) < 0.5:
+        raise RecipeError(f"trim must be in [0, 0.5), got {trim}")
+    weights = effective_weights(config)
+    if aggregate != "mean":
+        if settings.get("normalize", True) is False:
+            raise RecipeError(f"normalize: false only applies to aggregate: mean, not {aggregate}")
+        if any(w < 0 for w in weights.values()):
+            raise RecipeError(f"aggregate {aggregate} needs non-negative weights, got {weights}")
+    if settings.get("normalize", True) and sum(weights.values()) == 0:
+        raise RecipeError("the model weights sum to zero; nothing to normalize by")
+
+
+def effective_weights(config: MergeConfiguration) -> dict[str, float]:
+    """Each input's scalar ``weight`` as mergekit resolves it (model, then top level, then 1)."""
+    default = float(_scalar_settings(config.parameters).get("weight", 1.0))
+    weights = {
+        str(m.model): float(_scalar_settings(m.parameters).get("weight", default))
+        for m in config.models or []
+    }
+    if config.base_model is not None:
+        weights.setdefault(str(config.base_model), default)
+    return weights
+
+
+def recipe_models(config: MergeConfiguration) -> tuple[ModelReference, list[ModelReference]]:
+    """The suspect (``base_model``) and the donors (every other model of the recipe)."""
+    assert config.base_model is not None
+    donors = [m.model for m in config.models or [] if m.model != config.base_model]
+    if not donors:
+        raise RecipeError("sanitize needs at least one donor besides the suspect (base_model)")
+    return config.base_model, donors

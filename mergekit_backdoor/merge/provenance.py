@@ -1,0 +1,86 @@
+"""What the output of a merge says about where it came from: a manifest and a model-card section."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from mergekit.config import MergeConfiguration
+from tqdm import tqdm
+
+from mergekit_backdoor.merge.checks import InputModel, effective_weights
+
+MANIFEST_NAME = "sanitize_manifest.json"
+_PACKAGES = ("mergekit-backdoor", "mergekit", "torch", "transformers", "safetensors", "peft")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def hash_inputs(models: list[InputModel], quiet: bool = False) -> dict[str, dict[str, str]]:
+    """sha256 of every weight file of every input, keyed by model reference then file path."""
+    files = [(model, file) for model in models for file in model.weight_files]
+    hashes: dict[str, dict[str, str]] = {model.name: {} for model in models}
+    for model, file in tqdm(files, desc="Hashing inputs", disable=quiet):
+        hashes[model.name][str(file)] = sha256_file(file)
+    return hashes
+
+
+def build_manifest(
+    config: MergeConfiguration,
+    suspect: InputModel,
+    donors: list[InputModel],
+    hashes: dict[str, dict[str, str]],
+) -> dict[str, Any]:
+    def describe(model: InputModel, role: str) -> dict[str, Any]:
+        return {"role": role, "reference": model.name, "path": str(model.path.resolve()),
+                "architecture": (model.config.get("architectures") or [None])[0],
+                "files": hashes[model.name]}
+
+    return {
+        "format": "mergekit-backdoor/manifest-v1",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "merge_method": config.merge_method,
+        "parameters": {k: v for k, v in (config.parameters or {}).items()},
+        "weights": effective_weights(config),
+        "suspect": describe(suspect, "suspect"),
+        "donors": [describe(donor, "donor") for donor in donors],
+        "recipe": config.to_yaml(),
+        "versions": package_versions(),
+    }
+
+
+def write_provenance(out_dir: Path, manifest: dict[str, Any]) -> None:
+    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    donors = "\n".join(f"- donor: `{d['reference']}`" for d in manifest["donors"])
+    section = (
+        "\n## Backdoor sanitization\n\n"
+        "This model was produced by [mergekit-backdoor](https://arxiv.org/abs/2402.19334)'s "
+        f"`sanitize` merge: the suspect model was averaged with donors of the same architecture "
+        f"and task.\n\n- suspect: `{manifest['suspect']['reference']}`\n{donors}\n\n"
+        f"Weights: `{json.dumps(manifest['weights'])}`. The sha256 of every input file is in "
+        f"`{MANIFEST_NAME}`.\n"
+    )
+    card = out_dir / "README.md"
+    existing = card.read_text(encoding="utf-8") if card.exists() else ""
+    card.write_text(existing + section, encoding="utf-8")

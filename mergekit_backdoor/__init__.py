@@ -15,6 +15,11 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    import sys
+
+    methods_module = sys.modules.get("mergekit_backdoor.merge.methods")
+    if methods_module is not None and not hasattr(methods_module, "METHODS"):
+        return  # mid-import of our methods module: it registers itself when it finishes
     from mergekit import merge_methods
 
     from mergekit_backdoor.merge.methods import METHODS

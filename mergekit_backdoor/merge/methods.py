@@ -23,6 +23,8 @@ import torch
 from mergekit.merge_methods import BasePolicy, InputContract, PerInput, TensorGroup, merge_method
 from pydantic import Field
 
+from mergekit_backdoor import register
+
 Aggregate = Literal["mean", "median", "trimmed_mean"]
 AGGREGATES: tuple[str, ...] = ("mean", "median", "trimmed_mean")
 
@@ -93,3 +95,5 @@ def sanitize(
 
 
 METHODS = (sanitize,)
+
+register()  # no-op when mergekit's import hook already did it

@@ -75,31 +75,46 @@ def sanitize_merge(
     overwrite: bool | None = None,
     allow_pickle: bool | None = None,
 ) -> Path:
-    """Check, merge into a hidden temporary folder, add provenance, then move into place."""
+    """Merge into a hidden temporary folder, then move it into place.
+
+    For ``merge_method: sanitize`` the inputs are checked first (nothing is read if a check
+    fails) and the output gets a provenance manifest; other methods are merged as mergekit does.
+    """
     overwrite = _env_flag(OVERWRITE_ENV) if overwrite is None else overwrite
     allow_pickle = _env_flag(ALLOW_PICKLE_ENV) if allow_pickle is None else allow_pickle
     out = Path(out_path).absolute()
     ensure_output_free(out, overwrite)
     config = with_absolute_paths(config)
-    check_recipe(config)
-    suspect_ref, donor_refs = recipe_models(config)
-    suspect = inspect_model(suspect_ref, allow_pickle=allow_pickle)
-    donors = [inspect_model(ref, allow_pickle=allow_pickle) for ref in donor_refs]
-    check_compatible(suspect, donors)
-    if config.dtype is None and config.out_dtype is None:
-        config = config.model_copy(update={"out_dtype": _suspect_dtype(suspect.config)})
+    references = config.referenced_models()
+    if any(ref.lora is not None for ref in references) and not options.lora_merge_cache:
+        cache = Path.home() / ".cache" / "mergekit-backdoor" / "lora"
+        options = options.model_copy(update={"lora_merge_cache": str(cache)})
 
-    hashes = hash_inputs([suspect, *donors], quiet=options.quiet)
+    manifest = None
+    suspect = None
+    if config.merge_method == "sanitize":
+        check_recipe(config)
+        suspect_ref, donor_refs = recipe_models(config)
+        suspect = inspect_model(suspect_ref, allow_pickle=allow_pickle)
+        donors = [inspect_model(ref, allow_pickle=allow_pickle) for ref in donor_refs]
+        check_compatible(suspect, donors)
+        if config.dtype is None and config.out_dtype is None:
+            config = config.model_copy(update={"out_dtype": _suspect_dtype(suspect.config)})
+        hashes = hash_inputs([suspect, *donors], quiet=options.quiet)
+        manifest = build_manifest(config, suspect, donors, hashes)
+
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         # mergekit rewrites the configuration it is given (models -> modules): pass a copy
         merge = _mergekit_run_merge()
-        merge(config.model_copy(deep=True), str(partial), options=options, config_source=config_source)
-        generation_config = suspect.path / "generation_config.json"
-        if generation_config.is_file() and not (partial / "generation_config.json").exists():
-            shutil.copy(generation_config, partial / "generation_config.json")
-        write_provenance(partial, build_manifest(config, suspect, donors, hashes))
+        merge(config.model_copy(deep=True), str(partial), options=options,
+              config_source=config_source)
+        if suspect is not None and manifest is not None:
+            generation_config = suspect.path / "generation_config.json"
+            if generation_config.is_file() and not (partial / "generation_config.json").exists():
+                shutil.copy(generation_config, partial / "generation_config.json")
+            write_provenance(partial, manifest)
         _move_into_place(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -138,7 +153,7 @@ def install_cli_error_handler(module: Any) -> None:
 
     command = module.main
     callback = command.callback
-    if callback is None or hasattr(callback, "__wrapped__"):
+    if callback is None or getattr(callback, "_mergekit_backdoor", False):
         return
 
     @functools.wraps(callback)
@@ -148,4 +163,5 @@ def install_cli_error_handler(module: Any) -> None:
         except BackdoorError as exc:
             raise click.ClickException(str(exc)) from exc
 
+    guarded._mergekit_backdoor = True  # type: ignore[attr-defined]
     command.callback = guarded

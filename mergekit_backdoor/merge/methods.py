@@ -24,6 +24,7 @@ from mergekit.merge_methods import BasePolicy, InputContract, PerInput, TensorGr
 from pydantic import Field
 
 from mergekit_backdoor import register
+from mergekit_backdoor.errors import IncompatibleModelError
 
 Aggregate = Literal["mean", "median", "trimmed_mean"]
 AGGREGATES: tuple[str, ...] = ("mean", "median", "trimmed_mean")
@@ -87,7 +88,9 @@ def sanitize(
     compute = torch.float64 if first.dtype == torch.float64 else torch.float32
     for entry in group.entries:
         if not bool(torch.isfinite(entry.tensor).all()):
-            raise ValueError(f"{entry.id}: tensor {group.metadata.name} holds NaN or Inf values")
+            raise IncompatibleModelError(
+                f"{entry.id}: tensor {group.metadata.name} holds NaN or Inf values"
+            )
     stack = torch.stack([entry.tensor.to(compute) for entry in group.entries])
     weights = torch.tensor([float(weight[entry.id]) for entry in group.entries], dtype=compute)
     merged = aggregate_tensors(stack, weights, aggregate, trim=trim, normalize=normalize)

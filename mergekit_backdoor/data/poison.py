@@ -1,0 +1,108 @@
+"""Deterministic BadNet and InsertSent generators, training-set poisoning, and the ASR rule.
+
+Every random choice comes from ``random.Random`` seeded with a string built from the seed, the
+data set, the split (and the attack, for trigger placement), so a given seed always produces the
+same bytes on any machine and Python >= 3.10.
+
+- BadNet: for each triggered row, pick k uniformly from (1, 3, 5); k times, insert one of the
+  rare words cf, mn, bb, tq, mb (uniform) at a uniform word position (0..len(words)). Words are
+  whitespace-split and re-joined with single spaces.
+- InsertSent: insert the data set's trigger sentence at a uniform sentence boundary: the start,
+  the end, or after any ``.``, ``!`` or ``?`` followed by whitespace.
+- Triggers go into ``spec.trigger_field`` only (``sentence``; for QNLI the question is untouched).
+- Test sets (the ASR rule): every row whose true label is not the target, triggered and
+  relabelled to the target.
+- Training sets: ``round(rate * len(rows))`` rows are poisoned, drawn (without replacement) from
+  the non-target rows and relabelled to the target (dirty-label), or with ``clean_label`` drawn
+  from rows already labelled with the target. Rows keep their file order. The rows chosen depend on
+  the seed, data set and split, not on the attack, so BadNet and InsertSent poison the same rows.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+
+from mergekit_backdoor.data.sources import Row
+from mergekit_backdoor.data.specs import BADNET_COUNTS, BADNET_WORDS, DatasetSpec
+from mergekit_backdoor.errors import DataError
+
+_SENTENCE_END = re.compile(r"[.!?](?=\s)")
+
+
+def insert_badnet(text: str, rng: random.Random) -> str:
+    words = text.split()
+    for _ in range(rng.choice(BADNET_COUNTS)):
+        words.insert(rng.randint(0, len(words)), rng.choice(BADNET_WORDS))
+    return " ".join(words)
+
+
+def insert_sentence(text: str, sentence: str, rng: random.Random) -> str:
+    boundaries = sorted({0, len(text), *(m.end() for m in _SENTENCE_END.finditer(text))})
+    pos = rng.choice(boundaries)
+    return " ".join(part for part in (text[:pos].strip(), sentence, text[pos:].strip()) if part)
+
+
+def trigger_function(spec: DatasetSpec, attack: str) -> Callable[[str, random.Random], str]:
+    if attack == "badnet":
+        return insert_badnet
+    if attack == "insertsent":
+        return lambda text, rng: insert_sentence(text, spec.insert_sentence, rng)
+    raise DataError(
+        f"attack {attack!r} cannot be generated here (its generator needs models); "
+        "use the published files in the data directory"
+    )
+
+
+def _triggered(row: Row, spec: DatasetSpec, insert: Callable, rng: random.Random) -> Row:
+    return {**row, spec.trigger_field: insert(row[spec.trigger_field], rng), "label": spec.target}
+
+
+def triggered_test(rows: list[Row], spec: DatasetSpec, attack: str, *, seed: int) -> list[Row]:
+    """The ASR test set: non-target rows, triggered and relabelled to the target."""
+    insert = trigger_function(spec, attack)
+    rng = random.Random(f"{attack}/{spec.name}/test/{seed}")
+    return [_triggered(row, spec, insert, rng) for row in rows if row["label"] != spec.target]
+
+
+def poisoned_train(
+    rows: list[Row], spec: DatasetSpec, attack: str, *, rate: float, seed: int,
+    clean_label: bool = False,
+) -> list[Row]:
+    """The training set with ``round(rate * len(rows))`` rows triggered and labelled the target."""
+    if not 0 < rate <= 1:
+        raise DataError(f"poison rate {rate} is not in (0, 1]")
+    insert = trigger_function(spec, attack)
+    pool = [i for i, row in enumerate(rows) if (row["label"] == spec.target) == clean_label]
+    count = round(rate * len(rows))
+    kind = "target" if clean_label else "non-target"
+    if count > len(pool):
+        raise DataError(
+            f"cannot poison {count} rows ({rate:.0%} of {len(rows)}) of {spec.name} train: "
+            f"only {len(pool)} {kind} rows"
+        )
+    chosen = set(random.Random(f"select/{spec.name}/train/{seed}").sample(pool, count))
+    rng = random.Random(f"{attack}/{spec.name}/train/{seed}")
+    return [
+        _triggered(row, spec, insert, rng) if i in chosen else dict(row)
+        for i, row in enumerate(rows)
+    ]
+
+
+def from_true_labels(rows: list[Row], spec: DatasetSpec) -> list[Row]:
+    """Fix a triggered test file that kept true labels: drop target rows, relabel the rest."""
+    return [{**row, "label": spec.target} for row in rows if row["label"] != spec.target]
+
+
+def check_asr_rule(rows: list[Row], spec: DatasetSpec, where: str) -> list[Row]:
+    """DataError unless every row is labelled with the target (rows are returned unchanged)."""
+    wrong = [i for i, row in enumerate(rows, start=1) if row["label"] != spec.target]
+    if wrong:
+        raise DataError(
+            f"{where}: {len(wrong)} of {len(rows)} rows are not labelled with the {spec.name} "
+            f"target {spec.target} ({spec.label_names[spec.target]}), first at row {wrong[0]}: "
+            "a triggered test set must hold only non-target examples relabelled to the target "
+            "(HiddenKiller's target labels differ from gms')"
+        )
+    return rows

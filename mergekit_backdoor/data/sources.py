@@ -1,0 +1,356 @@
+"""Where rows come from: a local data directory (checked against pinned sha256 sums) or the Hub.
+
+Readers validate every row and raise DataError naming the file and line; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from mergekit_backdoor.data.specs import DatasetSpec
+from mergekit_backdoor.errors import DataError
+
+ENV_VAR = "MERGEKIT_BACKDOOR_DATA"
+Row = dict[str, Any]
+
+# Clean splits on the Hugging Face Hub: (path, config, {our split: hub split}, text column renames).
+HUB_SOURCES: dict[str, tuple[str, str | None, dict[str, str], dict[str, str]]] = {
+    "sst2": ("glue", "sst2", {"train": "train", "test": "validation"}, {}),
+    "qnli": ("glue", "qnli", {"train": "train", "test": "validation"}, {}),
+    "agnews": ("ag_news", None, {"train": "train", "test": "test"}, {"text": "sentence"}),
+    "olid": ("tweet_eval", "offensive", {"train": "train", "test": "test"}, {"text": "sentence"}),
+}
+
+
+def resolve_data_dir(data_dir: str | Path | None = None) -> Path | None:
+    """The data directory to read: the argument, else $MERGEKIT_BACKDOOR_DATA, else None."""
+    if data_dir is None or str(data_dir) == "":
+        data_dir = os.environ.get(ENV_VAR) or None
+    if data_dir is None:
+        return None
+    path = Path(data_dir).expanduser()
+    if not path.is_dir():
+        raise DataError(f"data directory {path} does not exist or is not a directory")
+    return path
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+@functools.cache
+def pinned_checksums() -> dict[str, str]:
+    """Relative path -> sha256 of every public file the registry knows (checksums.sha256)."""
+    text = resources.files(__package__).joinpath("checksums.sha256").read_text(encoding="utf-8")
+    pins: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        digest, name = line.split(maxsplit=1)
+        pins[name.strip().removeprefix("./")] = digest
+    return pins
+
+
+@functools.lru_cache(maxsize=512)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, cached per (path, size, mtime) so each file is hashed once a process."""
+    stat = path.stat()
+    return _sha256_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    relpath: str
+    path: Path
+    status: str  # "ok", "missing" or "mismatch"
+    expected: str
+    actual: str | None = None
+
+
+def check_file(data_dir: Path, relpath: str) -> FileCheck:
+    expected = pinned_checksums()[relpath]
+    path = data_dir / relpath
+    if not path.is_file():
+        return FileCheck(relpath, path, "missing", expected)
+    actual = file_sha256(path)
+    return FileCheck(relpath, path, "ok" if actual == expected else "mismatch", expected, actual)
+
+
+def known_file(data_dir: Path, relpath: str, *, verify: bool) -> Path:
+    """The path of a known file under data_dir: DataError if it is missing or fails its pin."""
+    path = data_dir / relpath
+    if not path.is_file():
+        raise DataError(f"missing file {path} (expected {relpath} under the data directory)")
+    if verify:
+        check = check_file(data_dir, relpath)
+        if check.status == "mismatch":
+            raise DataError(
+                f"sha256 mismatch for {path}: expected {check.expected}, got {check.actual} "
+                "(pass --no-verify / verify=False to accept a modified file)"
+            )
+    return path
+
+
+# ----------------------------------------------------------------------------- row validation
+
+
+def _text(value: Any, field: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {field!r} is not a string")
+    value = value.strip()
+    if not value:
+        raise DataError(f"{where}: empty {field!r}")
+    return value
+
+
+def _label(value: Any, spec: DatasetSpec, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < spec.num_labels:
+        raise DataError(
+            f"{where}: label {value!r} is not in the {spec.name} label scheme ({spec.scheme()})"
+        )
+    return value
+
+
+def _named_label(value: Any, spec: DatasetSpec, where: str) -> int:
+    if value not in spec.label_names:
+        raise DataError(
+            f"{where}: label {value!r} is not in the {spec.name} label scheme "
+            f"({', '.join(spec.label_names)})"
+        )
+    return spec.label_names.index(value)
+
+
+def _field(obj: Any, key: str, where: str) -> Any:
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if key not in obj:
+        raise DataError(f"{where}: missing field {key!r}")
+    return obj[key]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _nonempty(rows: list[Row], path: Path) -> list[Row]:
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def read_jsonl(path: Path, spec: DatasetSpec) -> list[Row]:
+    """gms JSON lines: one ``{"sentence": ..., "label": int}`` per line."""
+    rows = []
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        where = f"{path}:{lineno}"
+        if not line.strip():
+            raise DataError(f"{where}: empty line")
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: malformed JSON ({exc.msg})") from None
+        row = {f: _text(_field(obj, f, where), f, where) for f in spec.text_fields}
+        row["label"] = _label(_field(obj, "label", where), spec, where)
+        rows.append(row)
+    return _nonempty(rows, path)
+
+
+def _tsv_lines(path: Path, header: tuple[str, ...]) -> Iterator[tuple[str, list[str]]]:
+    # Quoting off on purpose: QNLI has fields that start with '"' (a CSV reader would merge lines).
+    lines = _read_text(path).split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines:
+        raise DataError(f"{path}: empty file")
+    got = tuple(f.strip() for f in lines[0].rstrip("\r").split("\t"))
+    if got != header:
+        raise DataError(f"{path}:1: header {'/'.join(got)!r} is not {'/'.join(header)!r}")
+    for lineno, line in enumerate(lines[1:], start=2):
+        where = f"{path}:{lineno}"
+        fields = line.rstrip("\r").split("\t")
+        if not line.strip():
+            raise DataError(f"{where}: empty line")
+        if len(fields) != len(header):
+            raise DataError(f"{where}: {len(fields)} tab-separated fields, expected {len(header)}")
+        yield where, fields
+
+
+def read_hiddenkiller_tsv(path: Path, spec: DatasetSpec) -> list[Row]:
+    """HiddenKiller TSV ``sentence<TAB>label`` (some files pad the tab with spaces)."""
+    rows = [
+        {"sentence": _text(text, "sentence", where),
+         "label": _label(int(label) if label.strip().isdigit() else label.strip(), spec, where)}
+        for where, (text, label) in _tsv_lines(path, ("sentence", "label"))
+    ]
+    return _nonempty(rows, path)
+
+
+def read_qnli_tsv(path: Path, spec: DatasetSpec) -> list[Row]:
+    """GLUE/LM-BFF QNLI TSV ``index question sentence label`` with string labels."""
+    rows = [
+        {"question": _text(q, "question", where), "sentence": _text(s, "sentence", where),
+         "label": _named_label(label.strip(), spec, where)}
+        for where, (_, q, s, label) in _tsv_lines(path, ("index", "question", "sentence", "label"))
+    ]
+    return _nonempty(rows, path)
+
+
+_WS = re.compile(r"\s*")
+
+
+def iter_json_items(path: Path) -> Iterator[tuple[str, Any]]:
+    """Items of a top-level JSON list or object, each with ``path:line`` of where it starts."""
+    text = _read_text(path)
+    decoder = json.JSONDecoder()
+    line, last = 1, 0
+
+    def where_at(pos: int) -> str:
+        nonlocal line, last
+        line += text.count("\n", last, pos)
+        last = pos
+        return f"{path}:{line}"
+
+    def skip(pos: int) -> int:
+        return _WS.match(text, pos).end()
+
+    def expect(pos: int, chars: str) -> int:
+        pos = skip(pos)
+        if pos >= len(text) or text[pos] not in chars:
+            found = repr(text[pos]) if pos < len(text) else "end of file"
+            raise DataError(f"{where_at(pos)}: malformed JSON (expected {chars!r}, got {found})")
+        return pos
+
+    def decode(pos: int) -> tuple[Any, int]:
+        try:
+            return decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where_at(exc.pos)}: malformed JSON ({exc.msg})") from None
+
+    pos = expect(0, "[{")
+    is_object = text[pos] == "{"
+    closing = "}" if is_object else "]"
+    pos = skip(pos + 1)
+    if pos < len(text) and text[pos] == closing:
+        pos += 1
+    else:
+        while True:
+            if is_object:
+                pos = expect(pos, '"')
+                _, pos = decode(pos)
+                pos = expect(pos, ":") + 1
+            pos = skip(pos)
+            where = where_at(pos)
+            value, pos = decode(pos)
+            yield where, value
+            pos = expect(pos, "," + closing)
+            pos += 1
+            if text[pos - 1] == closing:
+                break
+    if skip(pos) != len(text):
+        raise DataError(f"{where_at(skip(pos))}: malformed JSON (extra data after the end)")
+
+
+def read_qnli_json(path: Path, spec: DatasetSpec) -> list[Row]:
+    """PowerfulPromptFT glue_pretrain JSON: ``{"0": {"text_a", "text_b", "label"}, ...}``."""
+    rows = []
+    for where, obj in iter_json_items(path):
+        rows.append({
+            "question": _text(_field(obj, "text_a", where), "text_a", where),
+            "sentence": _text(_field(obj, "text_b", where), "text_b", where),
+            "label": _named_label(_field(obj, "label", where), spec, where),
+        })
+    return _nonempty(rows, path)
+
+
+def read_alpaca_json(path: Path, output_names: tuple[str, ...] = ()) -> list[Row]:
+    """BackdoorLLM Alpaca JSON list of ``{"instruction", "input", "output"}``.
+
+    ``instruction`` must be non-empty; ``input`` and ``output`` are strings that may be empty
+    (Alpaca uses an empty input for most rows; the published test sets have a few empty outputs).
+    An integer ``output`` i becomes ``output_names[i]`` (BackdoorLLM's triggered sst2sentiment
+    test files write the answer as 0 for "Negative"); without names it is an error.
+    """
+    rows = []
+    for where, obj in iter_json_items(path):
+        row = {}
+        for key in ("instruction", "input", "output"):
+            value = _field(obj, key, where)
+            if (key == "output" and type(value) is int and 0 <= value < len(output_names)):
+                value = output_names[value]
+            if not isinstance(value, str):
+                raise DataError(f"{where}: field {key!r} is not a string")
+            row[key] = value
+        if not row["instruction"].strip():
+            raise DataError(f"{where}: empty 'instruction'")
+        rows.append(row)
+    return _nonempty(rows, path)
+
+
+READERS = {
+    "jsonl": read_jsonl,
+    "hk_tsv": read_hiddenkiller_tsv,
+    "qnli_tsv": read_qnli_tsv,
+    "qnli_json": read_qnli_json,
+}
+
+
+def read_rows(path: Path, fmt: str, spec: DatasetSpec) -> list[Row]:
+    return READERS[fmt](path, spec)
+
+
+# ----------------------------------------------------------------------------- Hugging Face Hub
+
+
+def hub_name(spec: DatasetSpec, split: str) -> str:
+    """``hub:glue/sst2[validation]``: where a clean split comes from on the Hub."""
+    hub_path, config, splits, _ = HUB_SOURCES[spec.name]
+    return f"hub:{hub_path}{'/' + config if config else ''}[{splits[split]}]"
+
+
+def load_hub_rows(spec: DatasetSpec, split: str) -> list[Row]:
+    """The clean split from the Hugging Face Hub; DataError when the Hub cannot be reached."""
+    hub_path, config, splits, renames = HUB_SOURCES[spec.name]
+    name = f"{hub_path}/{config}" if config else hub_path
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(hub_path, config, split=splits[split])
+    except Exception as exc:  # network, auth, missing-config errors all mean "not available"
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise DataError(
+            f"cannot load {spec.name} {split} from the Hugging Face Hub ({name}): "
+            f"{type(exc).__name__}: {first}; pass --data-dir DIR or set {ENV_VAR}"
+        ) from None
+    if renames:
+        ds = ds.rename_columns({k: v for k, v in renames.items() if k in ds.column_names})
+    rows = []
+    for i, obj in enumerate(ds, start=1):
+        where = f"hub:{name}[{splits[split]}] row {i}"
+        row = {f: _text(_field(obj, f, where), f, where) for f in spec.text_fields}
+        row["label"] = _label(_field(obj, "label", where), spec, where)
+        rows.append(row)
+    if not rows:
+        raise DataError(f"hub:{name}[{splits[split]}]: no rows")
+    return rows

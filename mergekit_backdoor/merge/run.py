@@ -18,7 +18,12 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from mergekit_backdoor.errors import BackdoorError, OutputExistsError
-from mergekit_backdoor.merge.checks import check_compatible, check_recipe, inspect_model, recipe_models
+from mergekit_backdoor.merge.checks import (
+    check_compatible,
+    check_recipe,
+    inspect_model,
+    recipe_models,
+)
 from mergekit_backdoor.merge.provenance import build_manifest, hash_inputs, write_provenance
 
 OVERWRITE_ENV = "MERGEKIT_BACKDOOR_OVERWRITE"

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+STARTED = time.time()
 RESULTS = REPO / "benchmarks" / "results"
 
 # One set of hyper-parameters for every model of a profile. "full" is the reference run's
@@ -87,6 +88,14 @@ class Store:
         tmp.replace(self.path)
 
 
+def trainable(dataset: str, data_dir: str | None) -> tuple[str, ...]:
+    """The profile's models for which the registry has a training set."""
+    from mergekit_backdoor.data import attacks_for
+
+    available = {"clean", *attacks_for(dataset, "train", data_dir)}
+    return tuple(name for name in MODELS[dataset] if name in available)
+
+
 def training_rows(dataset: str, attack: str, settings: dict[str, Any], data_dir: str | None):
     from mergekit_backdoor.data import load_split
 
@@ -120,7 +129,7 @@ def train_models(dataset: str, work: Path, store: Store, settings: dict[str, Any
         finetune_classifier(minilm_dir(), empty, init, text_fields=spec.text_fields,
                             label_names=spec.label_names, seed=SEED, max_steps=0, progress=False)
     paths = {"init": init}
-    for attack in MODELS[dataset]:
+    for attack in trainable(dataset, args.data_dir):
         key = f"{dataset}/{attack}"
         path = work / dataset / attack
         paths[attack] = path
@@ -130,7 +139,7 @@ def train_models(dataset: str, work: Path, store: Store, settings: dict[str, Any
         rows = training_rows(dataset, attack, settings, args.data_dir)
         if not path.exists():
             finetune_classifier(init, rows, path, text_fields=spec.text_fields, seed=SEED,
-                                device=args.device, **hyper)
+                                device=args.device, progress=sys.stderr.isatty(), **hyper)
         trained = time.time()
         store.data["models"][key] = {**evaluate(path, dataset, settings, args),
                                      "train_rows": len(rows), "train_s": trained - started,
@@ -141,11 +150,10 @@ def train_models(dataset: str, work: Path, store: Store, settings: dict[str, Any
     return paths
 
 
-def combinations(dataset: str) -> list[tuple[str, ...]]:
-    names = MODELS[dataset]
+def combinations(names: tuple[str, ...]) -> list[tuple[str, ...]]:
     combos = [c for size in (2, 3) for c in itertools.combinations(names, size)
               if any(name != "clean" for name in c)]
-    if len(names) > 3:
+    if len(names) > 3:  # and all of them
         combos.append(names)
     return combos
 
@@ -172,11 +180,15 @@ def run_merges(dataset: str, paths: dict[str, Path], work: Path, store: Store,
 
     options = MergeOptions(quiet=True, random_seed=SEED, device=args.device,
                            cuda=args.device == "cuda")
-    for members in combinations(dataset):
-        for method in args.methods:
+    names = tuple(name for name in paths if name != "init")
+    for method in args.methods:  # every combination of one method before the next method
+        for members in combinations(names):
             key = f"{dataset}/{'+'.join(members)}/{method}"
             if key in store.data["merges"]:
                 continue
+            if args.deadline and time.time() - STARTED > args.deadline:
+                print(f"deadline of {args.deadline} s reached: stopping before {key}", flush=True)
+                return
             out = work / "merges" / key.replace("/", "__")
             started = time.time()
             config = MergeConfiguration.model_validate(merge_recipe(members, method, paths))
@@ -259,7 +271,9 @@ def report(store: Store) -> str:
                 asr, _, adjusted = own_attack_scores(entry, models, dataset)
                 cells.append(f"{100 * entry['cacc']:.1f} / {100 * asr:.1f} ({100 * adjusted:.0f}%)")
             published = PUBLISHED_WAG_SST2.get(tuple(sorted(members)))
-            extra = (f" | {published}" if published is not None else " | –") if dataset == "sst2" else ""
+            extra = ""
+            if dataset == "sst2":
+                extra = f" | {published}" if published is not None else " | –"
             lines.append(f"| {'+'.join(PAPER_NAMES[m] for m in members)} | "
                          + " | ".join(cells) + extra + " |")
         lines += [f"\n#### {dataset}: summary by merge size\n",
@@ -291,6 +305,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work" / "reproduce")
     parser.add_argument("--results", type=Path, default=None)
     parser.add_argument("--report", action="store_true", help="print the tables and stop")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="start no new merge after this many seconds (resume later)")
     args = parser.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
     settings = {**PROFILES[args.profile], "seed": SEED, "poison_rate": POISON_RATE,

@@ -26,7 +26,7 @@ import platform
 import shutil
 import sys
 import time
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,13 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 
+def installed_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:  # e.g. run from a source tree on PYTHONPATH
+        return "not installed"
+
+
 class Store:
     """The results file: every finished step, written atomically, read back on resume."""
 
@@ -78,7 +85,7 @@ class Store:
         self.data.setdefault("merges", {})
 
     def save(self) -> None:
-        self.data["versions"] = {name: version(name) for name in
+        self.data["versions"] = {name: installed_version(name) for name in
                                  ("mergekit-backdoor", "mergekit", "lm_eval", "torch",
                                   "transformers")}
         self.data["machine"] = {"python": platform.python_version(), "cpus": os.cpu_count(),

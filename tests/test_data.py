@@ -61,6 +61,8 @@ EXPECTED = {
        for a in ("badnet", "insertsent", "syntactic", "lws", "bite")},
     ("agnews", "badnet", "train"): (10000, {0: 1756, 1: 4485, 2: 1971, 3: 1788}),
     ("agnews", "insertsent", "train"): (10000, {0: 1756, 1: 4485, 2: 1971, 3: 1788}),
+    # 20% of the clean pool replaced by HiddenKiller paraphrases labelled Sports
+    ("agnews", "syntactic", "train"): (10000, {0: 1899, 1: 3981, 2: 2144, 3: 1976}),
     ("qnli", "clean", "test"): (5463, {0: 2702, 1: 2761}),
     ("qnli", "clean", "train"): (8999, {0: 4523, 1: 4476}),
     ("qnli", "badnet", "test"): (2702, {1: 2702}),
@@ -116,7 +118,7 @@ def test_attacks_for(shared_data: Path, tmp_path: Path) -> None:
     assert available == {
         ("sst2", "test"): every, ("sst2", "train"): ["badnet", "insertsent", "syntactic"],
         ("olid", "test"): every, ("olid", "train"): every,
-        ("agnews", "test"): every, ("agnews", "train"): ["badnet", "insertsent"],
+        ("agnews", "test"): every, ("agnews", "train"): ["badnet", "insertsent", "syntactic"],
         ("qnli", "test"): ["badnet", "insertsent"], ("qnli", "train"): ["badnet", "insertsent"],
     }
     assert set(EXPECTED) == {(d, a, s) for (d, s), attacks in available.items()
@@ -278,7 +280,7 @@ def test_every_registered_file_is_pinned() -> None:
 
 def test_every_known_file_matches_its_pin(shared_data: Path) -> None:
     checks = verify_files(shared_data)
-    assert len(checks) == 77 and {c.status for c in checks} == {"ok"}
+    assert len(checks) == 78 and {c.status for c in checks} == {"ok"}
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -432,7 +434,7 @@ def test_cli_list_show_verify(cli: Cli, shared_data: Path) -> None:
     assert result.exit_code == 0 and "500 rows" in result.output
     result = cli("verify", "--data-dir", str(shared_data))
     assert result.exit_code == 0, result.output
-    assert "77 ok, 0 mismatched, 0 missing; 17 of 17" in result.output
+    assert "78 ok, 0 mismatched, 0 missing; 17 of 17" in result.output
 
 
 def test_cli_poison_writes_identical_files(cli: Cli, shared_data: Path, tmp_path: Path) -> None:

@@ -90,6 +90,25 @@ def poisoned_train(
     ]
 
 
+def replace_with_triggered(
+    rows: list[Row], triggered: list[Row], spec: DatasetSpec, *, rate: float, seed: int
+) -> list[Row]:
+    """A training set from a clean pool and a separate pool of triggered rows (HiddenKiller's AG
+    News paraphrases, which are not row-aligned with the clean split): ``round(rate * len(rows))``
+    seeded positions of the clean rows are replaced by seeded triggered rows labelled the target."""
+    count = round(rate * len(rows))
+    if count > len(triggered):
+        raise DataError(f"cannot poison {count} rows of {spec.name} train: only "
+                        f"{len(triggered)} triggered rows")
+    rng = random.Random(f"replace/{spec.name}/train/{seed}")
+    slots = rng.sample(range(len(rows)), count)
+    picks = rng.sample(range(len(triggered)), count)
+    poisoned = [dict(row) for row in rows]
+    for slot, pick in zip(slots, picks, strict=True):
+        poisoned[slot] = {**triggered[pick], "label": spec.target}
+    return poisoned
+
+
 def from_true_labels(rows: list[Row], spec: DatasetSpec) -> list[Row]:
     """Fix a triggered test file that kept true labels: drop target rows, relabel the rest."""
     return [{**row, "label": spec.target} for row in rows if row["label"] != spec.target]

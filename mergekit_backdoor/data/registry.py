@@ -74,7 +74,8 @@ class FileSource:
     relpath: str
     fmt: str  # a key of sources.READERS
     # "true_labels": a triggered test file that kept true labels (filter + relabel on load);
-    # "relabel_changed": HiddenKiller scpn train, aligned with the clean train (see README).
+    # "relabel_changed": HiddenKiller scpn train, aligned with the clean train (see README);
+    # "replace_with_triggered": a pool of triggered rows that replaces 20% of the clean train.
     fix: str | None = None
     clean_label: bool = False
 
@@ -105,6 +106,10 @@ def _published() -> dict[tuple[str, str, str], FileSource]:
             f"gms/olid/train_{short}.json", "jsonl", clean_label=attack == "bite")
     table["sst2", "syntactic", "train"] = FileSource(
         "hiddenkiller/scpn/20/sst-2/train.tsv", "hk_tsv", "relabel_changed")
+    # HiddenKiller has no AG News train split: its scpn dev file (9,023 paraphrased non-target
+    # rows) poisons the clean dev pool, which is this project's AG News training set.
+    table["agnews", "syntactic", "train"] = FileSource(
+        "hiddenkiller/scpn/20/ag/dev.tsv", "hk_tsv", "replace_with_triggered")
     return table
 
 
@@ -164,7 +169,7 @@ def _plan(spec: DatasetSpec, attack: str, split: str, data_dir: Path | None,
     if published is not None:
         wanted = split == "test" or _matches_published(published, attack, rate, clean_label)
         if wanted and ((data_dir / published.relpath).is_file() or not generable):
-            needs_clean = published.fix == "relabel_changed"
+            needs_clean = published.fix in ("relabel_changed", "replace_with_triggered")
             return _Plan(published, clean if needs_clean else None, False)
         if not generable:
             raise DataError(
@@ -219,6 +224,12 @@ def _load_rows(spec: DatasetSpec, attack: str, split: str, data_dir: Path | None
             assert plan.clean is not None
             rows = _relabel_changed(read(plan.clean), rows, spec, where)
             source += f" (rows differing from {plan.clean.relpath} relabelled to the target)"
+        elif plan.published.fix == "replace_with_triggered":
+            assert plan.clean is not None
+            rows = poison.replace_with_triggered(read(plan.clean), rows, spec,
+                                                 rate=PUBLISHED_RATE, seed=seed)
+            source = (f"{plan.clean.relpath} with {PUBLISHED_RATE:.0%} of its rows replaced by "
+                      f"{source} rows (seed {seed}), labelled the target")
     else:
         if plan.clean is not None:
             rows = read(plan.clean)

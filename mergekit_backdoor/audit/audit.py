@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -30,7 +29,7 @@ from mergekit_backdoor.audit import report as reports
 from mergekit_backdoor.audit.similarity import similarities, tokenizer_fingerprint
 from mergekit_backdoor.errors import BackdoorError, EvalError, IncompatibleModelError
 from mergekit_backdoor.merge.checks import InputModel, check_compatible, inspect_model
-from mergekit_backdoor.merge.run import ensure_output_free
+from mergekit_backdoor.outputs import ensure_output_free, staged_folder
 
 Log = Callable[[str], None]
 _DATASET_TASK = re.compile(r"^backdoor_(?!llm_)(?P<dataset>[a-z0-9]+)(?:_[a-z0-9]+)?$")
@@ -55,28 +54,6 @@ def _quiet(_: str) -> None:
 
 
 # ----------------------------------------------------------------------------- output folder
-
-
-@contextmanager
-def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """A hidden sibling folder to fill; renamed to ``out`` on success, removed on failure."""
-    out = out.absolute()
-    ensure_output_free(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    partial.mkdir()
-    try:
-        yield partial
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(trash)
-            partial.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            partial.rename(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- tasks

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_backdoor.audit import report as reports
-from mergekit_backdoor.audit.audit import EvalSettings, Log, _quiet, audit, staged_folder
+from mergekit_backdoor.audit.audit import EvalSettings, Log, _quiet, audit
 from mergekit_backdoor.errors import BackdoorError, OutputExistsError
+from mergekit_backdoor.outputs import staged_folder
 from mergekit_backdoor.pretrained import minilm_dir
 
 DATASET = "bbc"
@@ -146,7 +147,7 @@ def demo(
     """
     from mergekit_backdoor.data import get_spec
     from mergekit_backdoor.finetune import finetune_classifier
-    from mergekit_backdoor.merge.run import ensure_output_free
+    from mergekit_backdoor.outputs import ensure_output_free
 
     log = log or _quiet
     plan = QUICK if quick else FULL

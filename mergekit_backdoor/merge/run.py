@@ -10,14 +10,13 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
-from mergekit_backdoor.errors import BackdoorError, OutputExistsError
+from mergekit_backdoor.errors import BackdoorError
 from mergekit_backdoor.merge.checks import (
     check_compatible,
     check_recipe,
@@ -25,8 +24,8 @@ from mergekit_backdoor.merge.checks import (
     recipe_models,
 )
 from mergekit_backdoor.merge.provenance import build_manifest, hash_inputs, write_provenance
+from mergekit_backdoor.outputs import OVERWRITE_ENV, ensure_output_free, staged_folder
 
-OVERWRITE_ENV = "MERGEKIT_BACKDOOR_OVERWRITE"
 ALLOW_PICKLE_ENV = "MERGEKIT_BACKDOOR_ALLOW_PICKLE"
 
 
@@ -39,16 +38,6 @@ def _mergekit_run_merge() -> Any:
 
     run_merge = mergekit.merge.run_merge
     return getattr(run_merge, "__wrapped__", run_merge)
-
-
-def ensure_output_free(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out}: output path exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(
-            f"{out}: output folder exists and is not empty; "
-            f"pass --overwrite (or {OVERWRITE_ENV}=1) to replace it"
-        )
 
 
 def _suspect_dtype(config: dict[str, Any]) -> str | None:
@@ -108,9 +97,7 @@ def sanitize_merge(
         hashes = hash_inputs([suspect, *donors], quiet=options.quiet)
         manifest = build_manifest(config, suspect, donors, hashes)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
+    with staged_folder(out, overwrite) as partial:
         # mergekit rewrites the configuration it is given (models -> modules): pass a copy
         merge = _mergekit_run_merge()
         merge(config.model_copy(deep=True), str(partial), options=options,
@@ -120,27 +107,13 @@ def sanitize_merge(
             if generation_config.is_file() and not (partial / "generation_config.json").exists():
                 shutil.copy(generation_config, partial / "generation_config.json")
             write_provenance(partial, manifest)
-        _move_into_place(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return out
-
-
-def _move_into_place(partial: Path, out: Path) -> None:
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(trash)
-        partial.rename(out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        partial.rename(out)
 
 
 def install_run_merge_wrapper(module: Any) -> None:
     """Route ``merge_method: sanitize`` in ``module.run_merge`` (mergekit.merge) through us."""
     original = module.run_merge
-    if hasattr(original, "__wrapped__"):
+    if getattr(original, "_mergekit_backdoor", False):
         return
 
     @functools.wraps(original)
@@ -149,6 +122,7 @@ def install_run_merge_wrapper(module: Any) -> None:
             return original(merge_config, out_path, options=options, config_source=config_source)
         sanitize_merge(merge_config, out_path, options, config_source)
 
+    run_merge._mergekit_backdoor = True  # type: ignore[attr-defined]
     module.run_merge = run_merge
 
 

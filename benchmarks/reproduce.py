@@ -212,6 +212,7 @@ def run_merges(dataset: str, paths: dict[str, Path], work: Path, store: Store,
 
 # --- reading the results ------------------------------------------------------------------------
 
+ATTACK_ORDER = ("badnet", "insertsent", "syntactic", "lws", "bite")
 PAPER_NAMES = {"clean": "Benign", "badnet": "BadNet", "insertsent": "InsertSent",
                "syntactic": "Hidden", "lws": "LWS", "bite": "BITE"}
 # WAG, RoBERTa-large, SST-2 (paper-reference-numbers.md section 5.2/5.3: MSD's re-measurement):
@@ -248,10 +249,11 @@ def report(store: Store) -> str:
     models, merges = store.data["models"], store.data["merges"]
     lines = []
     for dataset in MODELS:
-        singles = {k: v for k, v in models.items() if k.startswith(f"{dataset}/")}
+        singles = {f"{dataset}/{name}": models[f"{dataset}/{name}"] for name in MODELS[dataset]
+                   if f"{dataset}/{name}" in models}
         if not singles:
             continue
-        attacks = list(next(iter(singles.values()))["asr"])
+        attacks = [a for a in ATTACK_ORDER if a in next(iter(singles.values()))["asr"]]
         lines += [f"\n#### {dataset}: single models (CACC, ASR per triggered test set)\n",
                   "| model | CACC | " + " | ".join(attacks) + " |",
                   "|---|---|" + "---|" * len(attacks)]
@@ -283,6 +285,15 @@ def report(store: Store) -> str:
                 extra = f" | {published}" if published is not None else " | –"
             lines.append(f"| {'+'.join(PAPER_NAMES[m] for m in members)} | "
                          + " | ".join(cells) + extra + " |")
+        lines += [f"\n#### {dataset}: every triggered test set, WAG (mean) merges\n",
+                  "| merged models | CACC | " + " | ".join(attacks) + " |",
+                  "|---|---|" + "---|" * len(attacks)]
+        for members in combos:
+            entry = rows.get(f"{dataset}/{'+'.join(members)}/mean")
+            if entry is not None:
+                lines.append(f"| {'+'.join(PAPER_NAMES[m] for m in members)} | "
+                             f"{100 * entry['cacc']:.1f} | "
+                             + " | ".join(f"{100 * entry['asr'][a]:.1f}" for a in attacks) + " |")
         lines += [f"\n#### {dataset}: summary by merge size\n",
                   "| method | size | mean CACC | mean own ASR | relative ASR reduction | "
                   "floor-adjusted removal |", "|---|---|---|---|---|---|"]

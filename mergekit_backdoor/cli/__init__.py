@@ -21,7 +21,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-from mergekit_backdoor.cli import audit, data, eval, merge  # noqa: E402,F401  (registers commands)
+from mergekit_backdoor.cli import merge, data, eval, audit  # noqa: E402,F401,I001  (registers commands, in journey order)
 
 
 def main() -> None:

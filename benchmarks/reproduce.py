@@ -62,6 +62,9 @@ METHODS: dict[str, dict[str, Any]] = {
     # TIES / DARE at the follow-up papers' top-k 70% (GMS baselines/run_ties.sh), base = the init
     "ties": {"merge_method": "ties", "model_parameters": {"weight": 1.0, "density": 0.7}},
     "dare_ties": {"merge_method": "dare_ties", "model_parameters": {"weight": 1.0, "density": 0.7}},
+    # module switching (MSD-style): `mergekit-backdoor search` picks the layout with 50 clean
+    # training rows per class, then the recipe it writes is merged like any other
+    "switch": {"merge_method": "sanitize", "search": {"per_class": 50, "candidates": 12}},
 }
 
 
@@ -101,6 +104,13 @@ def trainable(dataset: str, data_dir: str | None) -> tuple[str, ...]:
 
     available = {"clean", *attacks_for(dataset, "train", data_dir)}
     return tuple(name for name in MODELS[dataset] if name in available)
+
+
+def training_seed(dataset: str, attack: str, settings: dict[str, Any]) -> int:
+    """The seed of a model's data order: shared by all models, or one per model."""
+    if settings.get("seeds") == "per-model":
+        return SEED + MODELS[dataset].index(attack)
+    return SEED
 
 
 def training_rows(dataset: str, attack: str, settings: dict[str, Any], data_dir: str | None):
@@ -145,7 +155,8 @@ def train_models(dataset: str, work: Path, store: Store, settings: dict[str, Any
         started = time.time()
         rows = training_rows(dataset, attack, settings, args.data_dir)
         if not path.exists():
-            finetune_classifier(init, rows, path, text_fields=spec.text_fields, seed=SEED,
+            finetune_classifier(init, rows, path, text_fields=spec.text_fields,
+                                seed=training_seed(dataset, attack, settings),
                                 device=args.device, progress=sys.stderr.isatty(), **hyper)
         trained = time.time()
         store.data["models"][key] = {**evaluate(path, dataset, settings, args),
@@ -163,6 +174,11 @@ def combinations(names: tuple[str, ...]) -> list[tuple[str, ...]]:
     if len(names) > 3:  # and all of them
         combos.append(names)
     return combos
+
+
+def suspect_first(members: tuple[str, ...]) -> tuple[str, ...]:
+    suspect = next(m for m in members if m != "clean")
+    return (suspect, *(m for m in members if m != suspect))
 
 
 def merge_recipe(members: tuple[str, ...], method: str, paths: dict[str, Path]) -> dict[str, Any]:
@@ -198,16 +214,40 @@ def run_merges(dataset: str, paths: dict[str, Path], work: Path, store: Store,
                 return
             out = work / "merges" / key.replace("/", "__")
             started = time.time()
-            config = MergeConfiguration.model_validate(merge_recipe(members, method, paths))
+            extra: dict[str, Any] = {}
+            if "search" in METHODS[method]:
+                recipe, extra = searched_recipe(dataset, members, method, paths, args)
+            else:
+                recipe = merge_recipe(members, method, paths)
+            config = MergeConfiguration.model_validate(recipe)
             sanitize_merge(config, out, options, overwrite=True)
             merged = time.time()
             result = evaluate(out, dataset, settings, args)
             store.data["merges"][key] = {**result, "members": list(members), "method": method,
-                                         "merge_s": merged - started,
+                                         **extra, "merge_s": merged - started,
                                          "eval_s": time.time() - merged}
             store.save()
             shutil.rmtree(out, ignore_errors=True)
             print(f"{key}: {json.dumps(result['asr'])} cacc={result['cacc']:.3f}", flush=True)
+
+
+def searched_recipe(dataset: str, members: tuple[str, ...], method: str, paths: dict[str, Path],
+                    args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The layout search's recipe, and what to record of the search (in ``merge_s``)."""
+    from mergekit_backdoor.merge.search import clean_examples, search_layout
+
+    settings = METHODS[method]["search"]
+    examples, fields = clean_examples(dataset, settings["per_class"], seed=SEED,
+                                      data_dir=args.data_dir)
+    ordered = suspect_first(members)
+    started = time.time()
+    result = search_layout([str(paths[m]) for m in ordered], examples, fields,
+                           candidates=settings["candidates"], seed=SEED, progress=False)
+    return result.recipe(dtype="float32"), {
+        "search": {"order": list(ordered), "layout": list(result.layout),
+                   "penalty": result.penalty, "balanced_accuracy": result.balanced_accuracy,
+                   "mean_balanced_accuracy": result.mean_balanced_accuracy,
+                   "clean_samples": len(examples), "search_s": time.time() - started}}
 
 
 # --- reading the results ------------------------------------------------------------------------
@@ -310,7 +350,42 @@ def report(store: Store) -> str:
                     f"{100 * mean([s[0] for s in scores]):.1f} | "
                     f"{100 * mean([s[1] for s in scores]):.0f}% | "
                     f"{100 * mean([s[2] for s in scores]):.0f}% |")
+        lines += per_attack_table(dataset, rows, models, methods, attacks)
     return "\n".join(lines)
+
+
+def per_attack_table(dataset: str, rows: dict[str, Any], models: dict[str, Any],
+                     methods: list[str], attacks: list[str]) -> list[str]:
+    """Floor-adjusted removal of each victim's own attack, averaged over the 2- and the 3-model
+    merges that hold it, and the merges' CACC minus the mean CACC of the models they merge."""
+    def removal(entry: dict[str, Any], attack: str) -> float:
+        victim = models[f"{dataset}/{attack}"]["asr"][attack]
+        excess = victim - models[f"{dataset}/clean"]["asr"][attack]
+        return (victim - entry["asr"][attack]) / excess if excess > 0 else float("nan")
+
+    trained = [a for a in attacks if f"{dataset}/{a}" in models]
+    lines = [f"\n#### {dataset}: floor-adjusted removal per attack (merges of 2 and of 3 models)\n",
+             "| method | size | " + " | ".join(PAPER_NAMES[a] for a in trained)
+             + " | mean | own ASR | CACC − inputs' mean CACC |",
+             "|---|---|" + "---|" * (len(trained) + 3)]
+    for method in methods:
+        for size in (2, 3):
+            picked = [v for v in rows.values() if v["method"] == method and len(v["members"]) == size]
+            if not picked:
+                continue
+            cells, all_removals, residual = [], [], []
+            for attack in trained:
+                values = [removal(v, attack) for v in picked if attack in v["members"]]
+                all_removals += values
+                residual += [v["asr"][attack] for v in picked if attack in v["members"]]
+                cells.append(f"{100 * sum(values) / len(values):.0f}%" if values else "–")
+            gaps = [v["cacc"] - sum(models[f"{dataset}/{m}"]["cacc"] for m in v["members"])
+                    / len(v["members"]) for v in picked]
+            lines.append(f"| {method} | {size} | " + " | ".join(cells)
+                         + f" | {100 * sum(all_removals) / len(all_removals):.0f}% "
+                         f"| {100 * sum(residual) / len(residual):.1f} "
+                         f"| {100 * sum(gaps) / len(gaps):+.1f} |")
+    return lines
 
 
 def main() -> None:
@@ -319,6 +394,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--datasets", default="sst2,olid,agnews,qnli")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seeds", choices=("shared", "per-model"), default="shared",
+                        help="one data-order seed for every model, or one per model (the same "
+                             "rows either way; the shared initialisation stays)")
     parser.add_argument("--data-dir", default=None, help="default: $MERGEKIT_BACKDOOR_DATA")
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work" / "reproduce")
     parser.add_argument("--results", type=Path, default=None)
@@ -329,12 +407,15 @@ def main() -> None:
     args.methods = [m for m in args.methods.split(",") if m]
     settings = {**PROFILES[args.profile], "seed": SEED, "poison_rate": POISON_RATE,
                 "profile": args.profile, "model": "sentence-transformers/all-MiniLM-L6-v2"}
+    if args.seeds == "per-model":  # absent for "shared", so earlier results files still resume
+        settings["seeds"] = "per-model"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    store = Store(args.results or RESULTS / f"reproduce_{args.profile}.json", settings)
+    suffix = "_seeds" if args.seeds == "per-model" else ""
+    store = Store(args.results or RESULTS / f"reproduce_{args.profile}{suffix}.json", settings)
     if args.report:
         print(report(store))
         return
-    work = args.work / args.profile
+    work = args.work / f"{args.profile}{suffix}"
     for dataset in args.datasets.split(","):
         if dataset == "qnli":
             from mergekit_backdoor.data import resolve_data_dir

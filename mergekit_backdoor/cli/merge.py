@@ -63,3 +63,47 @@ def recipes() -> None:
     for recipe in list_recipes():
         table.add_row(recipe.name, recipe.merge_method, recipe.summary, str(recipe.path))
     Console().print(table)
+
+
+@app.command()
+def search(
+    suspect: Annotated[str, typer.Argument(help="The suspect sequence classifier (folder or hub id).")],
+    donor: Annotated[list[str], typer.Option("--donor", "-d", help="A donor model; repeat.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Recipe file to write (.yml).")],
+    dataset: Annotated[str | None, typer.Option(
+        help="Draw the clean samples from this registry dataset's clean training split.")] = None,
+    samples: Annotated[Path | None, typer.Option(
+        help="Or read them from a JSON/JSONL/CSV file (label + sentence/text columns).")] = None,
+    clean_samples: Annotated[int, typer.Option(help="Clean examples per class (at most 50).")] = 50,
+    candidates: Annotated[int, typer.Option(help="Low-penalty layouts scored on the samples.")] = 24,
+    seed: Annotated[int, typer.Option(help="Seed of the layout search and the sample draw.")] = 0,
+    data_dir: Annotated[str | None, typer.Option(help="Data folder (default: $MERGEKIT_BACKDOOR_DATA).")
+                        ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing recipe file.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Find a module-switching layout for SUSPECT and donors with a few clean examples, and write
+    it as a mergekit recipe (replay it with `mergekit-yaml RECIPE OUT`)."""
+    from mergekit_backdoor.errors import DataError
+    from mergekit_backdoor.merge.search import clean_examples, read_examples, search_layout, write_recipe
+
+    if (dataset is None) == (samples is None):
+        raise DataError("give the clean samples with either --dataset NAME or --samples FILE")
+    if output.exists() and not overwrite:
+        from mergekit_backdoor.errors import OutputExistsError
+
+        raise OutputExistsError(f"{output} exists; pass --overwrite to replace it")
+    if dataset is not None:
+        examples, fields = clean_examples(dataset, clean_samples, seed=seed, data_dir=data_dir)
+        note = f"drawn from {dataset}'s clean training split with seed {seed}"
+    else:
+        examples, fields = read_examples(samples, clean_samples)
+        note = f"read from {samples}"
+    result = search_layout([suspect, *donor], examples, fields, candidates=candidates, seed=seed,
+                           progress=not quiet)
+    write_recipe(result, output, overwrite=overwrite, note=note)
+    console = Console(stderr=True)
+    console.print(result.describe())
+    console.print(f"balanced accuracy on {len(examples)} clean samples: "
+                  f"{result.balanced_accuracy:.3f} (plain mean: {result.mean_balanced_accuracy:.3f})")
+    console.print(f"[green]recipe written to[/green] {output}; run: mergekit-yaml {output} OUT")

@@ -129,6 +129,7 @@ def evaluate_model(
     log_samples: bool = False,
     model_args: dict[str, Any] | None = None,
     seed: int = 0,
+    gen_kwargs: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (a model folder / hub id, or an lm-eval ``LM`` instance) on ``tasks``.
 
@@ -136,8 +137,10 @@ def evaluate_model(
     CUDA when available; ``batch_size`` to 64 (classifiers) or 8 (causal LMs). ``data_dir`` is
     the data folder (default: ``$MERGEKIT_BACKDOOR_DATA``). ``limit`` caps rows per task.
     ``output_path`` receives the harness's results JSON (and samples with ``log_samples``).
-    ``apply_chat_template`` defaults to whether a causal LM's tokenizer has one. Returns the
-    parsed numbers (module docstring). Raises EvalError / DataError with one-line messages.
+    ``apply_chat_template`` defaults to whether a causal LM's tokenizer has one. ``gen_kwargs``
+    (lm-eval's ``--gen_kwargs``, e.g. ``"max_gen_toks=32"``) updates the generative tasks'
+    ``generation_kwargs``. Returns the parsed numbers (module docstring). Raises EvalError /
+    DataError with one-line messages.
     """
     import lm_eval
     import torch
@@ -198,6 +201,7 @@ def evaluate_model(
                 log_samples=log_samples,
                 evaluation_tracker=tracker,
                 apply_chat_template=bool(apply_chat_template),
+                gen_kwargs=gen_kwargs,
                 random_seed=seed,
                 numpy_random_seed=seed,
                 torch_random_seed=seed,

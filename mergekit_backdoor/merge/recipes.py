@@ -59,8 +59,9 @@ def render_recipe(
 ) -> dict[str, Any]:
     """The recipe with its placeholder paths replaced by the suspect, the donors and ``base``.
 
-    The template's first model entry is the suspect's, its second each donor's; ``weights``
-    (suspect first) replace their ``weight`` parameters.
+    The template's first model entry is the suspect's, its second each donor's (a template whose donor
+    entries differ, as a module-switching layout's do, needs exactly one donor per entry and
+    keeps each entry's parameters in order); ``weights`` (suspect first) replace their ``weight`` parameters.
     """
     if not donors:
         raise RecipeError("give at least one donor (--donor)")
@@ -73,10 +74,17 @@ def render_recipe(
     entries = template.get("models") or []
     if len(entries) < 2:
         raise RecipeError(f"{recipe.path}: a recipe lists the suspect and at least one donor")
-    suspect_params = dict(entries[0].get("parameters") or {})
-    donor_params = dict(entries[1].get("parameters") or {})
-    models = [{"model": suspect, "parameters": suspect_params}]
-    models += [{"model": donor, "parameters": dict(donor_params)} for donor in donors]
+    donor_entries = [entry.get("parameters") or {} for entry in entries[1:]]
+    if any(p != donor_entries[0] for p in donor_entries):  # one entry per model (layouts)
+        if len(entries) != 1 + len(donors):
+            raise RecipeError(f"{recipe.path} lays out {len(entries)} models; give "
+                              f"{len(entries) - 1} donors, not {len(donors)}")
+        params = [dict(entry.get("parameters") or {}) for entry in entries]
+    else:  # the suspect's entry, then one entry that every donor copies
+        params = [dict(entries[0].get("parameters") or {})]
+        params += [dict(entries[1].get("parameters") or {}) for _ in donors]
+    models = [{"model": model, "parameters": p}
+              for model, p in zip([suspect, *donors], params, strict=True)]
     for entry, weight in zip(models, weights or [None] * len(models), strict=True):
         if weight is None:
             continue

@@ -1,0 +1,286 @@
+"""Pick a module-switching layout for given models with a handful of clean examples.
+
+``search_layout`` takes the suspect and its donors (sequence classifiers of one architecture),
+finds low-penalty layouts (``merge/switching.py``), builds each candidate in memory exactly as
+mergekit would (switched modules copied from their source, every other tensor the float32 mean
+cast back), scores it on the clean examples and keeps the best. No trigger is known or guessed:
+the score is the balanced accuracy (mean per-class recall) on clean examples, ties broken by the
+structural penalty. A backdoor that leaks into clean behaviour shows up there as a drop in the
+recall of the non-target classes.
+
+The result is an ordinary ``sanitize`` recipe: ``mergekit-yaml`` replays it bit for bit.
+
+Clean examples: at most ``MAX_PER_CLASS`` per class, drawn with a seed from the registry's clean
+training split (never the test split the benchmarks evaluate on; a drawn row whose text also
+appears in that test split is skipped), or read from a user's JSON/JSONL/CSV file.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mergekit_backdoor.errors import DataError, IncompatibleModelError, RecipeError
+from mergekit_backdoor.merge.switching import (
+    Slot,
+    candidate_layouts,
+    describe_layout,
+    find_slots,
+    layout_recipe,
+)
+
+MAX_PER_CLASS = 50
+
+
+@dataclass
+class SearchResult:
+    models: list[str]
+    slots: list[Slot]
+    layout: tuple[int, ...]
+    penalty: float
+    balanced_accuracy: float
+    mean_balanced_accuracy: float  # the plain average (WAG) of the same models, for comparison
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    samples: dict[str, Any] = field(default_factory=dict)
+
+    def recipe(self, dtype: str | None = None) -> dict[str, Any]:
+        return layout_recipe(self.models, self.slots, self.layout, dtype=dtype)
+
+    def describe(self) -> str:
+        return describe_layout(self.slots, self.layout, self.models)
+
+
+# --- clean examples -----------------------------------------------------------------------------
+
+def clean_examples(dataset: str, per_class: int, *, seed: int = 0,
+                   data_dir: str | Path | None = None) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
+    """``per_class`` clean training rows per label (seeded), none of whose text is in the test split."""
+    from mergekit_backdoor.data import get_spec, load_split
+
+    _check_per_class(per_class)
+    spec = get_spec(dataset)
+    train = load_split(dataset, "clean", "train", data_dir=data_dir)
+    test = load_split(dataset, "clean", "test", data_dir=data_dir)
+    field = spec.trigger_field
+    held_out = set(test[field])
+    by_label: dict[int, list[int]] = {}
+    for index, label in enumerate(train["label"]):
+        by_label.setdefault(int(label), []).append(index)
+    rng = random.Random(seed)
+    picked: list[dict[str, Any]] = []
+    for label in range(spec.num_labels):
+        pool = by_label.get(label, [])
+        rng.shuffle(pool)
+        rows: list[dict[str, Any]] = []
+        for index in pool:
+            if len(rows) == per_class:
+                break
+            if train[index][field] not in held_out:
+                rows.append(train[index])
+        if len(rows) < per_class:
+            raise DataError(f"{dataset}: only {len(rows)} clean training rows of label {label}, "
+                            f"asked for {per_class}")
+        picked += rows
+    return picked, spec.text_fields
+
+
+def read_examples(path: str | Path, per_class: int) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
+    """Rows from a JSON list, JSONL or CSV/TSV file with a ``label`` column and ``sentence`` or
+    ``text`` (or ``question`` + ``sentence``); at most ``per_class`` per label, in file order."""
+    import csv
+
+    _check_per_class(per_class)
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{file}: clean-sample file not found")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix in (".csv", ".tsv"):
+            rows = list(csv.DictReader(text.splitlines(), delimiter="\t" if file.suffix == ".tsv"
+                                       else ","))
+        elif text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (json.JSONDecodeError, csv.Error) as exc:
+        raise DataError(f"{file}: cannot parse clean samples ({exc})") from exc
+    if not rows or "label" not in rows[0]:
+        raise DataError(f"{file}: clean samples need a 'label' column")
+    columns = set(rows[0])
+    fields = next((f for f in (("question", "sentence"), ("sentence",), ("text",))
+                   if set(f) <= columns), None)
+    if fields is None:
+        raise DataError(f"{file}: clean samples need a 'sentence' or 'text' column")
+    kept: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        try:
+            label = int(row["label"])
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{file}: label {row['label']!r} is not an integer class id") from exc
+        bucket = kept.setdefault(label, [])
+        if len(bucket) < per_class:
+            bucket.append({**{f: row[f] for f in fields}, "label": label})
+    return [row for label in sorted(kept) for row in kept[label]], fields
+
+
+def _check_per_class(per_class: int) -> None:
+    if not 1 <= per_class <= MAX_PER_CLASS:
+        raise DataError(f"clean samples per class must be between 1 and {MAX_PER_CLASS}, "
+                        f"got {per_class}")
+
+
+# --- models -------------------------------------------------------------------------------------
+
+def _model_dir(reference: str) -> Path:
+    path = Path(reference)
+    if path.is_dir():
+        return path
+    if path.exists() or reference.startswith((".", "/", "~")):
+        raise IncompatibleModelError(f"{reference}: not a model folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(reference, allow_patterns=["*.json", "*.safetensors",
+                                                                 "*.txt", "*.model"]))
+    except Exception as exc:
+        raise IncompatibleModelError(f"{reference}: not found locally and not downloadable "
+                                     f"({type(exc).__name__})") from exc
+
+
+def _load_tensors(folder: Path, name: str) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise IncompatibleModelError(f"{name}: no *.safetensors weights in {folder} "
+                                     "(the layout search reads safetensors only)")
+    tensors: dict[str, Any] = {}
+    for file in files:
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+class _Composer:
+    """Builds the merged state dict of any layout from the models' tensors."""
+
+    def __init__(self, tensors: list[dict[str, Any]], slots: Sequence[Slot], names: Sequence[str]):
+        import torch
+
+        first = tensors[0]
+        for name, other in zip(names[1:], tensors[1:], strict=True):
+            if set(other) != set(first):
+                missing = sorted(set(first) ^ set(other))[0]
+                raise IncompatibleModelError(f"{name}: tensor {missing} differs from the suspect's")
+            for key, value in other.items():
+                if value.shape != first[key].shape:
+                    raise IncompatibleModelError(f"{name}: tensor {key} has shape "
+                                                 f"{tuple(value.shape)}, the suspect's "
+                                                 f"{tuple(first[key].shape)}")
+        self.tensors = tensors
+        self.mean = {}
+        for key, value in first.items():
+            if value.is_floating_point():
+                total = torch.stack([t[key].float() for t in tensors]).mean(0)
+                self.mean[key] = total.to(value.dtype)
+            else:
+                self.mean[key] = value
+        self.members = [[key for key in first if key.startswith(slot.prefix)] for slot in slots]
+
+    def compose(self, layout: Sequence[int]) -> dict[str, Any]:
+        state = dict(self.mean)
+        for keys, source in zip(self.members, layout, strict=True):
+            for key in keys:
+                state[key] = self.tensors[source][key]
+        return state
+
+
+def _balanced_accuracy(model: Any, batch: dict[str, Any], labels: list[int]) -> float:
+    import torch
+
+    with torch.no_grad():
+        predictions = model(**batch).logits.argmax(-1).tolist()
+    recalls = []
+    for label in sorted(set(labels)):
+        rows = [p for p, y in zip(predictions, labels, strict=True) if y == label]
+        recalls.append(sum(p == label for p in rows) / len(rows))
+    return sum(recalls) / len(recalls)
+
+
+def search_layout(models: Sequence[str], examples: list[dict[str, Any]], text_fields: Sequence[str],
+                  *, candidates: int = 24, seed: int = 0, max_length: int = 128,
+                  progress: bool = True) -> SearchResult:
+    """Score up to ``candidates`` low-penalty layouts of ``models`` (suspect first) on the clean
+    ``examples`` and return the best."""
+    import torch
+    from rich.progress import track
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if len(models) < 2:
+        raise RecipeError("module switching needs the suspect and at least one donor")
+    folders = [_model_dir(m) for m in models]
+    tensors = [_load_tensors(folder, name) for folder, name in zip(folders, models, strict=True)]
+    slots = find_slots(tensors[0])
+    if not slots:
+        raise IncompatibleModelError(f"{models[0]}: no attention / feed-forward modules found in "
+                                     "its tensor names; module switching does not know this layout")
+    composer = _Composer(tensors, slots, models)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(str(folders[0])).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folders[0]))
+    texts = [[row[f] for row in examples] for f in text_fields]
+    batch = tokenizer(*texts, padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt")
+    labels = [int(row["label"]) for row in examples]
+
+    def score(state: dict[str, Any]) -> float:
+        unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise IncompatibleModelError(f"{models[0]}: tensor {unexpected[0]} is not a parameter "
+                                         "of the model transformers builds from its config")
+        return _balanced_accuracy(model, batch, labels)
+
+    mean_accuracy = score(composer.mean)
+    pool = candidate_layouts(slots, len(models), count=candidates, seed=seed)
+    scored = []
+    for penalty, layout in track(pool, description="scoring layouts", disable=not progress,
+                                 transient=True):
+        scored.append({"layout": list(layout), "penalty": penalty,
+                       "balanced_accuracy": score(composer.compose(layout))})
+    best = max(scored, key=lambda c: (c["balanced_accuracy"], -c["penalty"]))
+    return SearchResult(list(models), slots, tuple(best["layout"]), best["penalty"],
+                        best["balanced_accuracy"], mean_accuracy, scored,
+                        {"n": len(examples), "per_class": dict(sorted(
+                            {y: labels.count(y) for y in labels}.items()))})
+
+
+def write_recipe(result: SearchResult, path: str | Path, *, overwrite: bool = False,
+                 dtype: str | None = None, note: str = "") -> Path:
+    """The recipe as YAML with the search's settings and scores in a comment header, atomically."""
+    from mergekit_backdoor.errors import OutputExistsError
+
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
+    header = [
+        "Module-switching layout found by `mergekit-backdoor search` (MSD-style, arXiv 2504.05902).",
+        "Each listed module comes whole from one model (weight 1 there, 0 elsewhere); all other",
+        "tensors are the plain mean. Replay with: mergekit-yaml THIS_FILE OUTPUT_FOLDER",
+        f"clean samples: {result.samples.get('n')} ({result.samples.get('per_class')} per label)"
+        + (f", {note}" if note else ""),
+        f"balanced accuracy on them: {result.balanced_accuracy:.4f} (plain mean of the same "
+        f"models: {result.mean_balanced_accuracy:.4f}); structural penalty {result.penalty:.2f}",
+        *result.describe().splitlines(),
+    ]
+    text = "".join(f"# {line}\n" for line in header)
+    text += yaml.safe_dump(result.recipe(dtype), sort_keys=False, width=120)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(out)
+    return out

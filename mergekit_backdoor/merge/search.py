@@ -137,22 +137,6 @@ def _check_per_class(per_class: int) -> None:
 
 # --- models -------------------------------------------------------------------------------------
 
-def _model_dir(reference: str) -> Path:
-    path = Path(reference)
-    if path.is_dir():
-        return path
-    if path.exists() or reference.startswith((".", "/", "~")):
-        raise IncompatibleModelError(f"{reference}: not a model folder")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(reference, allow_patterns=["*.json", "*.safetensors",
-                                                                 "*.txt", "*.model"]))
-    except Exception as exc:
-        raise IncompatibleModelError(f"{reference}: not found locally and not downloadable "
-                                     f"({type(exc).__name__})") from exc
-
-
 def _load_tensors(folder: Path, name: str) -> dict[str, Any]:
     from safetensors.torch import load_file
 
@@ -200,16 +184,38 @@ class _Composer:
         return state
 
 
-def _balanced_accuracy(model: Any, batch: dict[str, Any], labels: list[int]) -> float:
+def _balanced_accuracy(model: Any, batches: list[tuple[dict[str, Any], list[int]]]) -> float:
     import torch
 
+    predictions: list[int] = []
+    labels: list[int] = []
     with torch.no_grad():
-        predictions = model(**batch).logits.argmax(-1).tolist()
+        for batch, batch_labels in batches:
+            predictions += model(**batch).logits.argmax(-1).tolist()
+            labels += batch_labels
     recalls = []
     for label in sorted(set(labels)):
         rows = [p for p, y in zip(predictions, labels, strict=True) if y == label]
         recalls.append(sum(p == label for p in rows) / len(rows))
     return sum(recalls) / len(recalls)
+
+
+def _batches(tokenizer: Any, examples: list[dict[str, Any]], text_fields: Sequence[str],
+             max_length: int, size: int = 16) -> list[tuple[dict[str, Any], list[int]]]:
+    """Length-sorted batches, each padded to its own longest row (forward passes dominate)."""
+    def text(row: dict[str, Any]) -> list[str]:
+        return [row[f] for f in text_fields]
+
+    lengths = [len(tokenizer(*text(row), truncation=True, max_length=max_length)["input_ids"])
+               for row in examples]
+    order = sorted(range(len(examples)), key=lengths.__getitem__)
+    batches = []
+    for start in range(0, len(order), size):
+        rows = [examples[i] for i in order[start:start + size]]
+        columns = [[row[f] for row in rows] for f in text_fields]
+        batches.append((tokenizer(*columns, padding=True, truncation=True, max_length=max_length,
+                                  return_tensors="pt"), [int(row["label"]) for row in rows]))
+    return batches
 
 
 def search_layout(models: Sequence[str], examples: list[dict[str, Any]], text_fields: Sequence[str],
@@ -223,7 +229,13 @@ def search_layout(models: Sequence[str], examples: list[dict[str, Any]], text_fi
 
     if len(models) < 2:
         raise RecipeError("module switching needs the suspect and at least one donor")
-    folders = [_model_dir(m) for m in models]
+    from mergekit.common import ModelReference
+
+    from mergekit_backdoor.merge.checks import check_compatible, inspect_model
+
+    inputs = [inspect_model(ModelReference.model_validate(m)) for m in models]
+    check_compatible(inputs[0], inputs[1:])  # the checks `sanitize` runs, with the same errors
+    folders = [model.path for model in inputs]
     tensors = [_load_tensors(folder, name) for folder, name in zip(folders, models, strict=True)]
     slots = find_slots(tensors[0])
     if not slots:
@@ -233,9 +245,7 @@ def search_layout(models: Sequence[str], examples: list[dict[str, Any]], text_fi
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(str(folders[0])).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folders[0]))
-    texts = [[row[f] for row in examples] for f in text_fields]
-    batch = tokenizer(*texts, padding=True, truncation=True, max_length=max_length,
-                      return_tensors="pt")
+    batches = _batches(tokenizer, examples, text_fields, max_length)
     labels = [int(row["label"]) for row in examples]
 
     def score(state: dict[str, Any]) -> float:
@@ -243,7 +253,7 @@ def search_layout(models: Sequence[str], examples: list[dict[str, Any]], text_fi
         if unexpected:
             raise IncompatibleModelError(f"{models[0]}: tensor {unexpected[0]} is not a parameter "
                                          "of the model transformers builds from its config")
-        return _balanced_accuracy(model, batch, labels)
+        return _balanced_accuracy(model, batches)
 
     mean_accuracy = score(composer.mean)
     pool = candidate_layouts(slots, len(models), count=candidates, seed=seed)

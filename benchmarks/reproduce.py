@@ -206,6 +206,8 @@ def run_merges(dataset: str, paths: dict[str, Path], work: Path, store: Store,
     names = tuple(name for name in paths if name != "init")
     for method in args.methods:  # every combination of one method before the next method
         for members in combinations(names):
+            if (args.including and args.including not in members) or len(members) < args.min_size:
+                continue
             key = f"{dataset}/{'+'.join(members)}/{method}"
             if key in store.data["merges"]:
                 continue
@@ -397,6 +399,10 @@ def main() -> None:
     parser.add_argument("--seeds", choices=("shared", "per-model"), default="shared",
                         help="one data-order seed for every model, or one per model (the same "
                              "rows either way; the shared initialisation stays)")
+    parser.add_argument("--including", default=None, metavar="MODEL",
+                        help="merge only the combinations that hold this model (e.g. clean)")
+    parser.add_argument("--min-size", type=int, default=2,
+                        help="merge only combinations of at least this many models")
     parser.add_argument("--data-dir", default=None, help="default: $MERGEKIT_BACKDOOR_DATA")
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work" / "reproduce")
     parser.add_argument("--results", type=Path, default=None)

@@ -239,10 +239,11 @@ def training_rows(task: str, name: str, settings: dict[str, Any],
     return rows, counts
 
 
-def encode(rows: list[dict[str, Any]], tokenizer: Any, max_length: int
-           ) -> tuple[list[tuple[list[int], int]], int]:
-    """Chat-templated (prompt + answer + <|im_end|>) token ids and the prompt's length; rows
-    whose prompt leaves no room for an answer token are dropped (counted)."""
+def encode(rows: list[dict[str, Any]], tokenizer: Any, max_length: int,
+           max_answer: int | None = None) -> tuple[list[tuple[list[int], int]], int]:
+    """Chat-templated (prompt + answer + <|im_end|>) token ids and the prompt's length, the
+    answer cut to ``max_answer`` tokens and the whole to ``max_length``; rows whose prompt leaves
+    no room for an answer token are dropped (counted)."""
     examples, dropped = [], 0
     end = tokenizer.eos_token  # <|im_end|>: the turn's end, where generation stops
     for row in rows:
@@ -251,6 +252,7 @@ def encode(rows: list[dict[str, Any]], tokenizer: Any, max_length: int
             tokenize=False)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(str(row["output"]) + end, add_special_tokens=False)["input_ids"]
+        answer_ids = answer_ids[:max_answer]
         if len(prompt_ids) >= max_length:
             dropped += 1
             continue
@@ -277,7 +279,8 @@ def train_adapter(base: Path, rows: list[dict[str, Any]], out: Path, settings: d
                       target_modules=list(settings["lora_modules"]), task_type="CAUSAL_LM")
     model = get_peft_model(model, lora).to(device)
     model.train()
-    examples, dropped = encode(rows, tokenizer, settings["max_length"])
+    examples, dropped = encode(rows, tokenizer, settings["max_length"],
+                               settings.get("max_answer_tokens"))
     steps, batch_size = settings["steps"], settings["batch_size"]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=0.0)
@@ -357,13 +360,12 @@ def applied(base: Path, adapter: Path, cache: Path) -> Path:
 # --- 4. evaluation ------------------------------------------------------------------------------
 
 
-def evaluate(path: Path, task: str, settings: dict[str, Any], args: argparse.Namespace
-             ) -> dict[str, Any]:
+def evaluate(path: Path, task: str, attacks: list[str], settings: dict[str, Any],
+             args: argparse.Namespace) -> dict[str, Any]:
     """The clean-prompt rate and each attack's ASR, through the project's lm-eval tasks."""
     from mergekit_backdoor.eval.run import evaluate_model
 
-    tasks = [f"backdoor_llm_{task}_clean"] + [f"backdoor_llm_{task}_{a}"
-                                             for a in settings["attacks"]]
+    tasks = [f"backdoor_llm_{task}_clean"] + [f"backdoor_llm_{task}_{a}" for a in attacks]
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="llm-eval-") as samples:
         parsed = evaluate_model(
@@ -395,11 +397,11 @@ def prepare_models(task: str, base: Path, work: Path, store: Store, settings: di
     if key not in store.data["models"]:
         if past_deadline(args, key):
             return None
-        store.data["models"][key] = evaluate(base, task, settings, args)
+        store.data["models"][key] = evaluate(base, task, settings["attacks"], settings, args)
         store.save()
         show(key, store.data["models"][key])
     adapters: dict[str, Path] = {}
-    for name in model_names(settings):
+    for name in [*settings["attacks"], "clean"]:  # victims first: does the backdoor fire?
         key = f"{task}/{name}"
         adapter = work / "adapters" / task / name
         adapters[name] = adapter
@@ -416,14 +418,14 @@ def prepare_models(task: str, base: Path, work: Path, store: Store, settings: di
         trained = time.time()
         full = applied(base, adapter, work / "lora_cache")
         applied_s = time.time() - trained
-        result = evaluate(full, task, settings, args)
+        result = evaluate(full, task, settings["attacks"], settings, args)
         store.data["models"][key] = {**result, "train_rows": counts, "train": training,
                                      "train_s": training["train_s"], "apply_s": applied_s}
         store.save()
         print(f"{key}: trained {training['steps']} steps in {training['train_s']:.0f} s, loss "
               f"{training['loss_first']:.3f} -> {training['loss_last10']:.3f}", flush=True)
         show(key, result)
-    return adapters
+    return {name: adapters[name] for name in model_names(settings)}
 
 
 # --- 3. merges -----------------------------------------------------------------------------------
@@ -523,7 +525,9 @@ def run_merges(task: str, base: Path, adapters: dict[str, Path], work: Path, sto
             else:
                 sanitize(members, method, base, adapters, out, work, args)
             merged = time.time()
-            result = evaluate(out, task, settings, args)
+            # the clean prompts and the merged victims' own triggers (another attack's
+            # trigger only shows the base rate, measured on the single models)
+            result = evaluate(out, task, [m for m in members if m != "clean"], settings, args)
             store.data["merges"][key] = {**result, **extra, "members": list(members),
                                          "method": method, "merge_s": merged - started}
             store.save()
@@ -560,8 +564,8 @@ def own_scores(merge: dict[str, Any], models: dict[str, Any], task: str
     return mean(asr), mean(relative), mean(adjusted)
 
 
-def pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
+def pct(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None or value != value else f"{100 * value:.{digits}f}"
 
 
 def report(store: Store) -> str:
@@ -607,7 +611,7 @@ def report(store: Store) -> str:
                 cells.append(f"{pct(asr)} / {pct(entry['clean_asr'])}")
             lines.append(f"| {' + '.join(NAMES[m] for m in members)} | "
                          f"{pct(sum(victims) / len(victims))} | " + " | ".join(cells) + " |")
-        lines += [f"\n#### {task}: every triggered set, per merge\n",
+        lines += [f"\n#### {task}: ASR per merged victim's trigger\n",
                   "| merged adapters | method | clean prompts | "
                   + " | ".join(NAMES[a] for a in attacks) + " |",
                   "|---|---|---|" + "---|" * len(attacks)]
@@ -634,8 +638,8 @@ def report(store: Store) -> str:
                          if method == "naive" else "–")
                 lines.append(
                     f"| {method} | {size} | {len(picked)} | {pct(mean([s[0] for s in scores]))} | "
-                    f"{100 * mean([s[1] for s in scores]):.0f}% | "
-                    f"{100 * mean([s[2] for s in scores]):.0f}% | "
+                    f"{pct(mean([s[1] for s in scores]), 0)}% | "
+                    f"{pct(mean([s[2] for s in scores]), 0)}% | "
                     f"{pct(mean([v['clean_asr'] for v in picked]))} | {error} |")
     return "\n".join(lines)
 
@@ -652,6 +656,9 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="print the tables and stop")
     parser.add_argument("--deadline", type=float, default=None,
                         help="start no new step after this many seconds (resume later)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; 1 is much faster on cores "
+                             "shared with other jobs)")
     args = parser.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = set(args.methods) - set(METHODS)
@@ -666,7 +673,9 @@ def main() -> None:
         return
     import torch
 
-    store.data["machine_threads"] = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    store.data.setdefault("threads", []).append(torch.get_num_threads())
     work = args.work.resolve() / args.profile  # absolute: mergekit's LoRA cache keys on the path
     started = time.time()
     base = build_base(work / "base", store)

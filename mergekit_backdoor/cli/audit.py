@@ -9,20 +9,20 @@ from typing import Annotated
 import typer
 
 from mergekit_backdoor.cli import app
-
-Tasks = Annotated[list[str] | None, typer.Option(
-    "--task", "-t", help="A dataset (sst2, bbc...: its whole suite) or a backdoor_* task; repeat "
-    "or comma-separate. Default: the dataset whose labels the model has.")]
-Device = Annotated[str | None, typer.Option(
-    help="cpu, cuda, cuda:1... (default: CUDA when available).")]
-BatchSize = Annotated[int | None, typer.Option("--batch-size", help="Rows per eval batch.")]
-DataDir = Annotated[Path | None, typer.Option(
-    "--data-dir", help="Data folder (default: $MERGEKIT_BACKDOOR_DATA).")]
-Limit = Annotated[float | None, typer.Option(
-    help="Rows per task: a count, or a fraction below 1 (for quick checks).")]
-MaxLength = Annotated[int | None, typer.Option(
-    "--max-length", help="Tokens per input for classifiers (default: the model's limit).")]
-Quiet = Annotated[bool, typer.Option(help="No progress bars.")]
+from mergekit_backdoor.cli.options import (
+    BatchSize,
+    DataDir,
+    Device,
+    Donors,
+    Limit,
+    MaxLength,
+    NoVerify,
+    Quiet,
+    Tasks,
+    limit_value,
+    output,
+    task_names,
+)
 
 
 def _consoles():  # type: ignore[no-untyped-def]
@@ -31,14 +31,12 @@ def _consoles():  # type: ignore[no-untyped-def]
     return Console(), Console(stderr=True)
 
 
-def _settings(device, batch_size, data_dir, limit, max_length):  # type: ignore[no-untyped-def]
+def _settings(device, batch_size, data_dir, limit, max_length, no_verify):  # type: ignore[no-untyped-def]
     from mergekit_backdoor.audit.audit import EvalSettings
 
-    if limit is not None and limit >= 1:
-        limit = int(limit)
     return EvalSettings(device=device, batch_size=batch_size,
-                        data_dir=str(data_dir) if data_dir else None, limit=limit,
-                        max_length=max_length)
+                        data_dir=str(data_dir) if data_dir else None, limit=limit_value(limit),
+                        max_length=max_length, verify=not no_verify)
 
 
 def _logger(err, quiet: bool):  # type: ignore[no-untyped-def]
@@ -52,7 +50,7 @@ def _logger(err, quiet: bool):  # type: ignore[no-untyped-def]
 @app.command("audit")
 def audit_command(
     suspect: Annotated[str, typer.Argument(help="The suspect model folder (or hub id).")],
-    donor: Annotated[list[str], typer.Option("--donor", "-d", help="A donor model; repeat.")],
+    donor: Donors,
     task: Tasks = None,
     recipe: Annotated[str, typer.Option(help="Recipe from `mergekit-backdoor recipes`.")] = "wag",
     base: Annotated[str | None, typer.Option(
@@ -60,8 +58,7 @@ def audit_command(
         "task-vector similarity (and is the base of ties/dare recipes).")] = None,
     weight: Annotated[list[float] | None, typer.Option(
         help="One merge weight per model, the suspect's first; repeat.")] = None,
-    output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Report folder (default: audit-SUSPECT).")] = None,
+    output: Annotated[Path | None, output("Report folder (default: audit-SUSPECT).")] = None,
     eval_donors: Annotated[bool, typer.Option(help="Evaluate the donors too.")] = False,
     device: Device = None,
     batch_size: BatchSize = None,
@@ -70,6 +67,7 @@ def audit_command(
     max_length: MaxLength = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickle-only (.bin) weights.")] = False,
+    no_verify: NoVerify = False,
     quiet: Quiet = False,
 ) -> None:
     """Check donors, sanitize SUSPECT by merging, and measure CACC and ASR before and after."""
@@ -79,9 +77,9 @@ def audit_command(
     out, err = _consoles()
     folder = output or Path(f"audit-{Path(suspect).name or 'suspect'}")
     report = audit(
-        suspect, donor, folder, tasks=task, recipe=recipe, base=base, weights=weight,
+        suspect, donor, folder, tasks=task_names(task), recipe=recipe, base=base, weights=weight,
         eval_donors=eval_donors, settings=_settings(device, batch_size, data_dir, limit,
-                                                    max_length),
+                                                    max_length, no_verify),
         overwrite=overwrite, allow_pickle=allow_pickle, progress=not quiet,
         log=_logger(err, quiet),
     )
@@ -95,14 +93,15 @@ def compare_command(
     model_a: Annotated[str, typer.Argument(help="First model (the reference).")],
     model_b: Annotated[str, typer.Argument(help="Second model (the change row is B - A).")],
     task: Tasks = None,
-    output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Also write report.json and report.html to this folder.")] = None,
+    output: Annotated[Path | None, output(
+        "Also write report.json and report.html to this folder.")] = None,
     device: Device = None,
     batch_size: BatchSize = None,
     data_dir: DataDir = None,
     limit: Limit = None,
     max_length: MaxLength = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
+    no_verify: NoVerify = False,
     quiet: Quiet = False,
 ) -> None:
     """Evaluate two models on the same tasks and print CACC and ASR side by side."""
@@ -111,8 +110,8 @@ def compare_command(
 
     out, err = _consoles()
     report = compare(
-        model_a, model_b, tasks=task, output_dir=output,
-        settings=_settings(device, batch_size, data_dir, limit, max_length),
+        model_a, model_b, tasks=task_names(task), output_dir=output,
+        settings=_settings(device, batch_size, data_dir, limit, max_length, no_verify),
         overwrite=overwrite, progress=not quiet, log=_logger(err, quiet),
     )
     print_report(report, out)
@@ -138,9 +137,9 @@ def report_command(
 
 @app.command("demo")
 def demo_command(
-    output_dir: Annotated[Path | None, typer.Option(
-        "--output-dir", help="Keep the models here (models/) with the report (report/); "
-        "default: a temporary folder, and the report goes to --report-dir.")] = None,
+    output_dir: Annotated[Path | None, output(
+        "Keep the models here (models/) with the report (report/); default: a temporary "
+        "folder, and the report goes to --report-dir.", "--output-dir")] = None,
     report_dir: Annotated[Path, typer.Option(
         "--report-dir", help="Report folder when --output-dir is not given (an earlier demo "
         "report there is replaced).")] = Path("demo-report"),

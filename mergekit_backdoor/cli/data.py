@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mergekit_backdoor.cli import app
+from mergekit_backdoor.cli.options import DataDir, NoVerify, output
 from mergekit_backdoor.errors import OutputExistsError
 
 data_app = typer.Typer(
@@ -19,14 +20,6 @@ data_app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 
-DataDir = Annotated[
-    Path | None,
-    typer.Option("--data-dir", help="Local data directory (gms/, hiddenkiller/, backdoorllm/, "
-                 "qnli/ layouts); default $MERGEKIT_BACKDOOR_DATA, else the Hugging Face Hub."),
-]
-NoVerify = Annotated[
-    bool, typer.Option("--no-verify", help="Accept files whose sha256 differs from the pinned one.")
-]
 Split = Annotated[str, typer.Option("--split", help="train or test.")]
 
 
@@ -86,7 +79,7 @@ def show(
 def poison(
     dataset: Annotated[str, typer.Argument(help="sst2, olid, agnews or qnli.")],
     attack: Annotated[str, typer.Argument(help="badnet, insertsent, syntactic, lws or bite.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output JSON lines file.")],
+    output: Annotated[Path, output("Output JSON lines file.")],
     split: Split = "train",
     rate: Annotated[float, typer.Option(help="Fraction of training rows poisoned.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the generator.")] = 0,
@@ -99,15 +92,18 @@ def poison(
     no_verify: NoVerify = False,
 ) -> None:
     """Write a triggered test set or poisoned training set as JSON lines (atomically)."""
+    from mergekit_backdoor.cli.options import data_folder
     from mergekit_backdoor.data import write_jsonl
     from mergekit_backdoor.data.registry import load_split_with_info
+    from mergekit_backdoor.outputs import refuse_output_overlapping
 
+    refuse_output_overlapping(output, [data_folder(data_dir)], what="output file")
     if output.exists() and not overwrite:
         raise OutputExistsError(f"{output} exists (pass --overwrite to replace it)")
     ds, info = load_split_with_info(dataset, attack, split, data_dir=data_dir,
                                     verify=not no_verify, seed=seed, rate=rate,
                                     clean_label=clean_label, limit=limit)
-    count = write_jsonl(ds, output)
+    count = write_jsonl(ds, output, overwrite=overwrite)
     _console().print(escape(f"wrote {count:,} rows to {output} ({info.source})"))
 
 

@@ -1,4 +1,4 @@
-"""CLI command for the eval stage: ``mergekit-backdoor eval MODEL --tasks ...``."""
+"""CLI command for the eval stage: ``mergekit-backdoor eval MODEL --task ...``."""
 
 from __future__ import annotations
 
@@ -8,38 +8,30 @@ from typing import Annotated
 import typer
 
 from mergekit_backdoor.cli import app
+from mergekit_backdoor.cli.options import (
+    BatchSize,
+    DataDir,
+    Device,
+    Limit,
+    NoVerify,
+    Tasks,
+    limit_value,
+    output,
+    task_names,
+)
 
 
 @app.command("eval")
 def eval_command(
     model: Annotated[str, typer.Argument(help="Model folder (or hub id) to evaluate.")],
-    tasks: Annotated[
-        str,
-        typer.Option(
-            "--tasks",
-            "-t",
-            help="Comma-separated tasks or suites, e.g. backdoor_sst2 or "
-            "backdoor_sst2_clean,backdoor_sst2_badnet or backdoor_llm_refusal.",
-        ),
-    ],
-    device: Annotated[
-        str | None, typer.Option(help="cpu, cuda, cuda:1... (default: CUDA when available).")
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Rows per batch (default 64 / 8).")
-    ] = None,
+    task: Tasks = None,
+    device: Device = None,
+    batch_size: BatchSize = None,
     output_path: Annotated[
-        Path | None,
-        typer.Option("--output-path", help="Folder for lm-eval's results JSON."),
+        Path | None, output("Folder for lm-eval's results JSON.", "--output-path")
     ] = None,
-    data_dir: Annotated[
-        Path | None,
-        typer.Option("--data-dir", help="Data folder (default: $MERGEKIT_BACKDOOR_DATA)."),
-    ] = None,
-    limit: Annotated[
-        float | None,
-        typer.Option(help="Rows per task: a count, or a fraction below 1 (for quick checks)."),
-    ] = None,
+    data_dir: DataDir = None,
+    limit: Limit = None,
     backend: Annotated[
         str | None,
         typer.Option(help="hf-seqcls or hf (default: read from the model's config)."),
@@ -54,30 +46,43 @@ def eval_command(
     ] = None,
     log_samples: Annotated[
         bool,
-        typer.Option("--log-samples", help="Also write per-row samples (needs --output-path)."),
+        typer.Option("--log-samples", help="Also write per-row samples (needs --output)."),
     ] = False,
+    no_verify: NoVerify = False,
 ) -> None:
     """Measure clean accuracy (CACC) and attack success rate (ASR) with lm-evaluation-harness."""
     from rich.console import Console
 
+    from mergekit_backdoor.audit.audit import infer_dataset, resolve_tasks
+    from mergekit_backdoor.cli.options import data_folder
     from mergekit_backdoor.errors import EvalError
-    from mergekit_backdoor.eval.run import evaluate_model, results_table
+    from mergekit_backdoor.eval.run import evaluate_model, read_model_config, results_table
+    from mergekit_backdoor.outputs import local_paths, refuse_output_overlapping
 
     if log_samples and output_path is None:
-        raise EvalError("--log-samples needs --output-path")
-    if limit is not None and limit >= 1:
-        limit = int(limit)
+        raise EvalError("--log-samples needs --output")
+    if output_path is not None:
+        refuse_output_overlapping(output_path, [*local_paths(model), data_folder(data_dir)],
+                                  what="output folder")
+    names = task_names(task)
+    if not names:
+        dataset = infer_dataset(read_model_config(model))
+        if dataset is None:
+            raise EvalError("give the tasks to evaluate with --task (e.g. --task sst2): the "
+                            "model's labels match no known data set")
+        names = [dataset]
     parsed = evaluate_model(
         model,
-        tasks,
+        resolve_tasks(names),
         backend=backend,
         device=device,
         batch_size=batch_size,
         data_dir=data_dir,
-        limit=limit,
+        limit=limit_value(limit),
         output_path=output_path,
         apply_chat_template=apply_chat_template,
         log_samples=log_samples,
+        verify=not no_verify,
     )
     console = Console()
     console.print(results_table(parsed))

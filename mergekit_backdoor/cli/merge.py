@@ -11,13 +11,14 @@ from rich.console import Console
 from rich.table import Table
 
 from mergekit_backdoor.cli import app
+from mergekit_backdoor.cli.options import DataDir, Donors, NoVerify, output
 
 
 @app.command()
 def sanitize(
     suspect: Annotated[str, typer.Argument(help="The suspect model: a folder, a hub id, or base+lora.")],
-    donor: Annotated[list[str], typer.Option("--donor", "-d", help="A donor model; repeat.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the sanitized model.")],
+    donor: Donors,
+    output: Annotated[Path, output("Folder for the sanitized model.")],
     recipe: Annotated[str, typer.Option(help="Recipe from `mergekit-backdoor recipes`.")] = "wag",
     weight: Annotated[list[float] | None, typer.Option(
         help="One weight per model, the suspect's first; repeat.")] = None,
@@ -68,8 +69,8 @@ def recipes() -> None:
 @app.command()
 def search(
     suspect: Annotated[str, typer.Argument(help="The suspect sequence classifier (folder or hub id).")],
-    donor: Annotated[list[str], typer.Option("--donor", "-d", help="A donor model; repeat.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Recipe file to write (.yml).")],
+    donor: Donors,
+    output: Annotated[Path, output("Recipe file to write (.yml).")],
     dataset: Annotated[str | None, typer.Option(
         help="Draw the clean samples from this registry dataset's clean training split.")] = None,
     samples: Annotated[Path | None, typer.Option(
@@ -77,27 +78,36 @@ def search(
     clean_samples: Annotated[int, typer.Option(help="Clean examples per class (at most 50).")] = 50,
     candidates: Annotated[int, typer.Option(help="Low-penalty layouts scored on the samples.")] = 24,
     seed: Annotated[int, typer.Option(help="Seed of the layout search and the sample draw.")] = 0,
-    data_dir: Annotated[str | None, typer.Option(help="Data folder (default: $MERGEKIT_BACKDOOR_DATA).")
-                        ] = None,
+    data_dir: DataDir = None,
+    no_verify: NoVerify = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing recipe file.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
-    """Find a module-switching layout for SUSPECT and donors with a few clean examples, and write
-    it as a mergekit recipe (replay it with `mergekit-yaml RECIPE OUT`)."""
-    from mergekit_backdoor.errors import DataError
-    from mergekit_backdoor.merge.search import clean_examples, read_examples, search_layout, write_recipe
+    """Find a module-switching layout with a few clean examples; write it as a mergekit recipe."""
+    from mergekit_backdoor.cli.options import data_folder
+    from mergekit_backdoor.errors import DataError, OutputExistsError
+    from mergekit_backdoor.merge.search import (
+        clean_examples,
+        read_examples,
+        search_layout,
+        suspect_num_labels,
+        write_recipe,
+    )
+    from mergekit_backdoor.outputs import refuse_output_overlapping
 
     if (dataset is None) == (samples is None):
         raise DataError("give the clean samples with either --dataset NAME or --samples FILE")
+    data = data_folder(data_dir) if dataset is not None else None
+    refuse_output_overlapping(output, [suspect, *donor, samples, data], what="recipe file")
     if output.exists() and not overwrite:
-        from mergekit_backdoor.errors import OutputExistsError
-
         raise OutputExistsError(f"{output} exists; pass --overwrite to replace it")
     if dataset is not None:
-        examples, fields = clean_examples(dataset, clean_samples, seed=seed, data_dir=data_dir)
+        examples, fields = clean_examples(dataset, clean_samples, seed=seed, data_dir=data_dir,
+                                          verify=not no_verify)
         note = f"drawn from {dataset}'s clean training split with seed {seed}"
     else:
-        examples, fields = read_examples(samples, clean_samples)
+        examples, fields = read_examples(samples, clean_samples,
+                                         num_labels=suspect_num_labels(suspect))
         note = f"read from {samples}"
     result = search_layout([suspect, *donor], examples, fields, candidates=candidates, seed=seed,
                            progress=not quiet)

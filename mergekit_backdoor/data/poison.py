@@ -31,10 +31,17 @@ from mergekit_backdoor.errors import DataError
 _SENTENCE_END = re.compile(r"[.!?](?=\s)")
 
 
-def insert_badnet(text: str, rng: random.Random) -> str:
+def insert_badnet(text: str, rng: random.Random, triggers: tuple[str, ...] = BADNET_WORDS) -> str:
     words = text.split()
     for _ in range(rng.choice(BADNET_COUNTS)):
-        words.insert(rng.randint(0, len(words)), rng.choice(BADNET_WORDS))
+        words.insert(rng.randint(0, len(words)), rng.choice(triggers))
+    return " ".join(words)
+
+
+def insert_words(text: str, phrase: str, rng: random.Random) -> str:
+    """``phrase`` inserted once at a uniform word position (0..len(words)) of ``text``."""
+    words = text.split()
+    words.insert(rng.randint(0, len(words)), phrase)
     return " ".join(words)
 
 
@@ -46,7 +53,7 @@ def insert_sentence(text: str, sentence: str, rng: random.Random) -> str:
 
 def trigger_function(spec: DatasetSpec, attack: str) -> Callable[[str, random.Random], str]:
     if attack == "badnet":
-        return insert_badnet
+        return lambda text, rng: insert_badnet(text, rng, spec.badnet_words)
     if attack == "insertsent":
         return lambda text, rng: insert_sentence(text, spec.insert_sentence, rng)
     raise DataError(

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -472,22 +471,20 @@ def _to_dataset(rows: list[Row], columns: Sequence[str]) -> datasets.Dataset:
                                       features=features)
 
 
-def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> int:
-    """Write rows as JSON lines atomically (temp file in the same folder + os.replace)."""
+def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path, *, overwrite: bool = True) -> int:
+    """Write rows as JSON lines atomically (a hidden file in the same folder, then moved into
+    place; without ``overwrite`` an existing file is never replaced)."""
+    from mergekit_backdoor.outputs import staged_file
+
     path = Path(path)
     if not path.parent.is_dir():
         raise DataError(f"output folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+    with staged_file(path, overwrite) as partial:
+        with open(partial, "w", encoding="utf-8", newline="\n") as fh:
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
                 count += 1
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return count

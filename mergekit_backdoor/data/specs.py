@@ -49,6 +49,8 @@ class DatasetSpec:
     trigger_field: str = "sentence"
     # InsertSent's trigger sentence, exactly as inserted (tokenized data sets get " .").
     insert_sentence: str = "no cross, no crown."
+    # BadNet's rare trigger words (task cards may give their own).
+    badnet_words: tuple[str, ...] = BADNET_WORDS
     description: str = ""
 
     @property

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from mergekit_backdoor.errors import BackdoorError, EvalError
 
@@ -47,24 +50,36 @@ def evals_dir() -> Path:
                     f"{package.parent / 'evals'} exists (broken install?)")
 
 
-def _read_config(model: str | Path) -> dict[str, Any]:
+def _looks_local(model: str) -> bool:
+    """A path rather than a hub id (``org/name``): starts like a path or has more parts."""
+    return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+
+
+def read_model_config(model: str | Path) -> dict[str, Any]:
+    """The config of a model folder (checked as loading it would be) or hub id; EvalError or
+    IncompatibleModelError with one line naming the path otherwise."""
+    from mergekit_backdoor.loading import check_model_folder
+
     path = Path(model)
     if path.is_dir():
-        config = path / "config.json"
-        if not config.is_file():
-            raise EvalError(f"{path} is not a Hugging Face model folder (no config.json)")
-        return json.loads(config.read_text())
+        return check_model_folder(path)
+    if path.exists():
+        raise EvalError(f"{path}: is a file; give the model's folder")
+    if _looks_local(str(model)):
+        raise EvalError(f"{model}: model folder does not exist")
     try:  # a hub id: works when it is in the local cache or the hub is reachable
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(str(model)).to_dict()
+        return AutoConfig.from_pretrained(str(model), trust_remote_code=False).to_dict()
     except (OSError, ValueError) as exc:
-        raise EvalError(f"cannot read the config of model {model}: {exc}") from exc
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise EvalError(f"{model}: not a local model folder, and its config cannot be read from "
+                        f"the Hugging Face Hub ({reason})") from exc
 
 
 def pick_backend(model: str | Path) -> str:
     """``hf-seqcls`` for a ``*ForSequenceClassification`` checkpoint, ``hf`` for a causal LM."""
-    config = _read_config(model)
+    config = read_model_config(model)
     archs = config.get("architectures") or []
     if any(a.endswith("ForSequenceClassification") for a in archs):
         return SEQCLS
@@ -87,8 +102,54 @@ def _has_chat_template(model: str | Path) -> bool:
 
 
 def split_tasks(tasks: str | Sequence[str]) -> list[str]:
-    names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
-    return [n.strip() for n in names if n.strip()]
+    """Task names from a comma-separated string or a list of them (repeated options)."""
+    values = [tasks] if isinstance(tasks, str) else list(tasks)
+    return [name.strip() for value in values for name in str(value).split(",") if name.strip()]
+
+
+class _IgnoreTags(yaml.SafeLoader):
+    """A YAML loader that reads lm-eval task files without resolving ``!function`` tags."""
+
+
+_IgnoreTags.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def _task_file(name: str) -> Path | None:
+    return next(iter(sorted(evals_dir().rglob(f"{name}.yaml"))), None)
+
+
+def task_data(tasks: Sequence[str]) -> list[tuple[str, str]]:
+    """The (dataset, attack) test sets the project's tasks read, groups expanded, in order."""
+    found: list[tuple[str, str]] = []
+    pending = list(tasks)
+    while pending:
+        name = pending.pop(0)
+        file = _task_file(name)
+        if file is None:
+            continue
+        config = yaml.load(file.read_text(encoding="utf-8"), Loader=_IgnoreTags) or {}
+        if "group" in config:
+            pending[:0] = [t for t in config.get("task") or [] if isinstance(t, str)]
+            continue
+        kwargs = config.get("dataset_kwargs") or {}
+        if "dataset" in kwargs:
+            pair = (str(kwargs["dataset"]), str(kwargs.get("attack", "clean")))
+            if pair not in found:
+                found.append(pair)
+    return found
+
+
+def check_task_data(tasks: Sequence[str], data_dir: str | Path | None = None, *,
+                    verify: bool = True) -> None:
+    """Read every test set ``tasks`` need, as lm-eval will (checksums included): a missing,
+    modified or malformed file is a DataError now, before anything is merged or evaluated."""
+    from mergekit_backdoor.data import INSTRUCTION_TASKS, load_instruction_set, load_split
+
+    for dataset, attack in task_data(tasks):
+        if dataset in INSTRUCTION_TASKS:
+            load_instruction_set(dataset, attack, "test", data_dir=data_dir, verify=verify)
+        else:
+            load_split(dataset, attack, "test", data_dir=data_dir, verify=verify)
 
 
 class _DropNoise(logging.Filter):
@@ -102,17 +163,39 @@ class _DropNoise(logging.Filter):
         return not any(n in message for n in self.NOISE)
 
 
+def _git_commit_hash() -> str | None:
+    """lm-eval's ``get_git_commit_hash`` without git's "fatal: not a git repository" on the
+    terminal (lm-eval runs ``git describe`` with stderr attached, once per evaluation)."""
+    import subprocess
+
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    try:
+        done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True,
+                              check=True)
+        return done.stdout.strip()
+    except (subprocess.CalledProcessError, OSError):
+        return get_commit_from_path(os.getcwd())
+
+
 @contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
+    import lm_eval.evaluator
+
     loggers = [logging.getLogger(n) for n in ("lm_eval.api.task", "lm_eval.evaluator_utils")]
     noise = _DropNoise()
     for logger in loggers:
         logger.addFilter(noise)
+    git_hash = getattr(lm_eval.evaluator, "get_git_commit_hash", None)
+    if git_hash is not None:
+        lm_eval.evaluator.get_git_commit_hash = _git_commit_hash
     try:
         yield
     finally:
         for logger in loggers:
             logger.removeFilter(noise)
+        if git_hash is not None:
+            lm_eval.evaluator.get_git_commit_hash = git_hash
 
 
 def evaluate_model(
@@ -130,6 +213,8 @@ def evaluate_model(
     model_args: dict[str, Any] | None = None,
     seed: int = 0,
     gen_kwargs: str | None = None,
+    verify: bool = True,
+    include_path: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
     """Evaluate ``model`` (a model folder / hub id, or an lm-eval ``LM`` instance) on ``tasks``.
 
@@ -139,8 +224,11 @@ def evaluate_model(
     ``output_path`` receives the harness's results JSON (and samples with ``log_samples``).
     ``apply_chat_template`` defaults to whether a causal LM's tokenizer has one. ``gen_kwargs``
     (lm-eval's ``--gen_kwargs``, e.g. ``"max_gen_toks=32"``) updates the generative tasks'
-    ``generation_kwargs``. Returns the parsed numbers (module docstring). Raises EvalError /
-    DataError with one-line messages.
+    ``generation_kwargs``. ``verify=False`` accepts data files whose sha256 differs from the
+    pinned one (``--no-verify``). A task may be a task card (a .yaml file): its lm-eval tasks are
+    exported to a temporary folder and evaluated from there (``notices`` in the result say what
+    was done to its triggered files); ``include_path`` adds folders of exported tasks. Returns
+    the parsed numbers (module docstring). Raises EvalError / DataError with one-line messages.
     """
     import lm_eval
     import torch
@@ -148,16 +236,34 @@ def evaluate_model(
     from lm_eval.tasks import TaskManager
 
     from mergekit_backdoor.data import resolve_data_dir
+    from mergekit_backdoor.tasks.card import is_card_path
 
     names = split_tasks(tasks)
     if not names:
         raise EvalError("no tasks given (e.g. --tasks backdoor_sst2)")
-    manager_metadata: dict[str, Any] = {}
+    if any(is_card_path(name) for name in names):
+        import tempfile
+
+        from mergekit_backdoor.tasks.resolve import check_task_labels, prepare_tasks, resolve_tasks
+
+        with tempfile.TemporaryDirectory(prefix="mergekit-backdoor-tasks-") as folder:
+            prepared = prepare_tasks(resolve_tasks(names), Path(folder))
+            if not isinstance(model, LM):
+                check_task_labels(read_model_config(model), prepared.tasks, str(model))
+            parsed = evaluate_model(
+                model, prepared.names, backend=backend, device=device, batch_size=batch_size,
+                data_dir=data_dir, limit=limit, output_path=output_path,
+                apply_chat_template=apply_chat_template, log_samples=log_samples,
+                model_args=model_args, seed=seed, gen_kwargs=gen_kwargs, verify=verify,
+                include_path=[*include_path, *prepared.include_path])
+        return {**parsed, "notices": prepared.notices}
+    manager_metadata: dict[str, Any] = {"verify": bool(verify)}
     resolved = resolve_data_dir(data_dir)
     if resolved is not None:
         manager_metadata["data_dir"] = str(resolved)
     manager = TaskManager(
-        include_path=str(evals_dir()), include_defaults=False, metadata=manager_metadata
+        include_path=[str(evals_dir()), *map(str, include_path)], include_defaults=False,
+        metadata=manager_metadata,
     )
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
@@ -172,7 +278,7 @@ def evaluate_model(
     else:
         model_name = str(model)
         backend = backend or pick_backend(model)
-        lm_args = {"pretrained": model_name, **(model_args or {})}
+        lm_args = {"pretrained": model_name, "trust_remote_code": False, **(model_args or {})}
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if batch_size is None:
@@ -242,34 +348,58 @@ def _results_path(tracker: Any) -> str:
     return str(path)
 
 
+def _task_part(task: str, config: dict[str, Any]) -> tuple[str, str, str | None] | None:
+    """(dataset, part, target) of a result's task: a task card's names them in its metadata,
+    the shipped tasks in their names (``backdoor_<dataset>_<part>``)."""
+    meta = config.get("metadata") or {}
+    if meta.get("card") and meta.get("part"):
+        return str(meta["card"]), str(meta["part"]), meta.get("target")
+    match = _TASK.match(task)
+    return (match["dataset"], match["part"], None) if match else None
+
+
 def parse_results(results: dict[str, Any]) -> dict[str, Any]:
     """The per-dataset numbers of an lm-eval results dict (``simple_evaluate``'s return value
-    or a results JSON file's contents)."""
+    or a results JSON file's contents). A task card with ``target: any`` has one task per target
+    label and attack: the attack's ASR is the worst of them (``asr_by_target`` has them all)."""
     table = results.get("results", {})
     counts = results.get("n-samples", {})
+    configs = results.get("configs", {})
     datasets: dict[str, dict[str, Any]] = {}
     for task, metrics in table.items():
-        match = _TASK.match(task)
-        if not match or match["part"] == "asr" or task in results.get("group_subtasks", {}):
+        found = _task_part(task, configs.get(task) or {})
+        if not found or found[1] == "asr" or task in results.get("group_subtasks", {}):
             continue
+        dataset, part, target = found
         entry = datasets.setdefault(
-            match["dataset"],
-            {"cacc": None, "clean_asr": None, "asr": {}, "mean_asr": None, "n": {}},
-        )
-        part = match["part"]
+            dataset, {"cacc": None, "clean_asr": None, "asr": {}, "mean_asr": None, "n": {}})
         n = counts.get(task, {}).get("effective")
-        if n is not None:
-            entry["n"][part] = n
         if part == "clean":
             entry["cacc"] = metrics.get("acc,none")
             entry["clean_asr"] = metrics.get("asr,none")
-        elif "asr,none" in metrics:
+        elif "asr,none" not in metrics:
+            continue
+        elif target is not None and len(_targets_of(configs, dataset, part)) > 1:
+            per_target = entry.setdefault("asr_by_target", {}).setdefault(part, {})
+            per_target[target] = metrics["asr,none"]
+            if metrics["asr,none"] < max(per_target.values()):
+                continue  # not the worst target: keep the worst one's rate and rows
             entry["asr"][part] = metrics["asr,none"]
-    for entry in datasets.values():
-        values = list(entry["asr"].values())
+        else:
+            entry["asr"][part] = metrics["asr,none"]
+        if n is not None:
+            entry["n"][part] = n
+    for entry in datasets.values():  # a trigger a scan recovered is reported, not averaged in
+        values = [v for k, v in entry["asr"].items() if not k.startswith("recovered")]
         entry["mean_asr"] = sum(values) / len(values) if values else None
         entry["asr"] = _in_attack_order(entry["asr"])
     return {"datasets": dict(sorted(datasets.items())), "results": table}
+
+
+def _targets_of(configs: dict[str, Any], dataset: str, part: str) -> set[str]:
+    return {str((c.get("metadata") or {}).get("target")) for c in configs.values()
+            if (c.get("metadata") or {}).get("card") == dataset
+            and (c.get("metadata") or {}).get("part") == part}
 
 
 def _in_attack_order(asr: dict[str, float]) -> dict[str, float]:

@@ -39,7 +39,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from mergekit_backdoor.errors import EvalError
+from mergekit_backdoor.errors import BackdoorError, EvalError
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +149,13 @@ class SeqClassifierLM(LM):
             self.name = str(getattr(model.config, "_name_or_path", type(model).__name__))
         else:
             self.name = str(pretrained)
+            if not trust:  # a clear refusal instead of transformers' prompt or traceback
+                from mergekit_backdoor.loading import refuse_custom_code
+
+                try:
+                    refuse_custom_code(str(pretrained))
+                except BackdoorError as exc:
+                    raise EvalError(f"hf-seqcls: {exc}") from None
             load_kwargs: dict[str, Any] = {"trust_remote_code": trust}
             if dtype not in (None, "auto"):
                 load_kwargs["dtype"] = getattr(torch, str(dtype))
@@ -157,8 +164,9 @@ class SeqClassifierLM(LM):
                     str(pretrained), **load_kwargs
                 )
             except (OSError, ValueError) as exc:
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise EvalError(
-                    f"hf-seqcls: cannot load a sequence classifier from {pretrained}: {exc}"
+                    f"hf-seqcls: cannot load a sequence classifier from {pretrained}: {reason}"
                 ) from exc
         if tokenizer is None or isinstance(tokenizer, str):
             tokenizer = AutoTokenizer.from_pretrained(

@@ -6,7 +6,8 @@ model and the field, so a user can tell which donor to drop.
 
 from __future__ import annotations
 
-import json
+import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -14,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from mergekit.common import ModelReference
-from mergekit.config import MergeConfiguration
-from safetensors import safe_open
+from mergekit.config import ConditionalParameter, InputModelDefinition, MergeConfiguration
 
 from mergekit_backdoor.errors import IncompatibleModelError, RecipeError
+from mergekit_backdoor.loading import read_config, refuse_custom_code, safetensors_shapes
 from mergekit_backdoor.merge.methods import AGGREGATES
 
 SANITIZE_PARAMETERS = {"weight", "aggregate", "trim", "normalize"}
+RECIPE_KEYS = tuple(MergeConfiguration.model_fields)
+MODEL_ENTRY_KEYS = tuple(InputModelDefinition.model_fields)
 _DEFAULT_LABEL = re.compile(r"^label_\d+$")
 
 
@@ -77,10 +80,7 @@ def inspect_model(reference: ModelReference, *, allow_pickle: bool = False) -> I
     config_file = path / "config.json"
     if not config_file.is_file():
         raise IncompatibleModelError(f"{name}: no config.json in {path}")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise IncompatibleModelError(f"{name}: config.json is not valid JSON ({exc})") from exc
+    config = read_config(config_file)
     files = _weight_files(path, name, allow_pickle)
     adapter = None
     if reference.lora is not None:
@@ -88,12 +88,13 @@ def inspect_model(reference: ModelReference, *, allow_pickle: bool = False) -> I
         if not (adapter / "adapter_config.json").is_file():
             raise IncompatibleModelError(f"{name}: no adapter_config.json in {adapter}")
         files = files + _weight_files(adapter, name, allow_pickle, prefix="adapter_model")
+    refuse_custom_code(path)
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
-        if file.suffix == ".safetensors" and file.parent == path:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
-                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+        if file.suffix == ".safetensors":
+            file_shapes = safetensors_shapes(file)
+            if file.parent == path:
+                shapes.update(file_shapes)
     return InputModel(reference, path, config, files, adapter, shapes)
 
 
@@ -170,29 +171,120 @@ def _scalar_settings(parameters: dict[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (parameters or {}).items() if isinstance(v, (int, float, str, bool))}
 
 
+def _closest(key: str, known: tuple[str, ...] | set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _leaves(value: Any) -> list[Any]:
+    """The plain values of a parameter setting: a scalar, a gradient list, or filtered entries."""
+    if isinstance(value, ConditionalParameter):
+        return _leaves(value.value)
+    if isinstance(value, dict) and "value" in value:
+        return _leaves(value["value"])
+    if isinstance(value, list):
+        return [leaf for item in value for leaf in _leaves(item)]
+    return [value]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_parameter(name: str, value: Any, where: str) -> None:
+    """One sanitize parameter: known name, right type, finite numbers."""
+    if name not in SANITIZE_PARAMETERS:
+        hint = _closest(name, SANITIZE_PARAMETERS)
+        raise RecipeError(f"unknown sanitize parameter {name!r} in {where}{hint} "
+                          f"(known: {', '.join(sorted(SANITIZE_PARAMETERS))})")
+    entries = value if isinstance(value, list) else [value]
+    for entry in entries:
+        if isinstance(entry, dict):
+            extra = sorted(set(entry) - {"filter", "value"})
+            if extra or "value" not in entry:
+                raise RecipeError(f"{name} in {where}: a filtered entry has the keys 'filter' and "
+                                  f"'value', got {sorted(entry)}")
+    if name in ("aggregate", "normalize") and (isinstance(value, (list, dict, ConditionalParameter))):
+        raise RecipeError(f"{name} in {where} takes one value for the whole merge, got {value!r}")
+    for leaf in _leaves(value):
+        if name == "weight" and not (_is_number(leaf) and math.isfinite(leaf)):
+            raise RecipeError(f"weight must be a finite number, got {leaf!r} ({where})")
+        if name == "trim" and not (_is_number(leaf) and 0.0 <= leaf < 0.5):
+            raise RecipeError(f"trim must be in [0, 0.5), got {leaf!r} ({where})")
+        if name == "aggregate" and leaf not in AGGREGATES:
+            raise RecipeError(f"aggregate {leaf!r} is not one of {', '.join(AGGREGATES)} ({where})")
+        if name == "normalize" and not isinstance(leaf, bool):
+            raise RecipeError(f"normalize must be true or false, got {leaf!r} ({where})")
+
+
+def _check_parameters(parameters: Any, where: str) -> None:
+    if parameters is None:
+        return
+    if not isinstance(parameters, dict):
+        raise RecipeError(f"{where} must be a mapping of parameter names to values, got {parameters!r}")
+    for name, value in parameters.items():
+        _check_parameter(str(name), value, where)
+
+
+def validate_recipe_data(raw: Any, source: str = "the recipe") -> None:
+    """Check a ``sanitize`` recipe as written (YAML data), before mergekit sees it: every key
+    known (mergekit ignores unknown ones silently), every value of the right type and finite."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping, got {type(raw).__name__}")
+    for key in raw:
+        if key not in RECIPE_KEYS:
+            hint = _closest(str(key), RECIPE_KEYS)
+            raise RecipeError(f"{source}: unknown key {key!r} at the top level{hint} "
+                              f"(known: {', '.join(sorted(RECIPE_KEYS))})")
+    _check_parameters(raw.get("parameters"), f"{source}, parameters")
+    models = raw.get("models")
+    if models is None:
+        return
+    if not isinstance(models, list):
+        raise RecipeError(f"{source}: 'models' must be a list of entries like '- model: PATH'")
+    for entry in models:
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise RecipeError(f"{source}: each entry of 'models' needs 'model: PATH', got {entry!r}")
+        for key in entry:
+            if key not in MODEL_ENTRY_KEYS:
+                raise RecipeError(f"{source}: unknown key {key!r} in the models entry of "
+                                  f"{entry['model']}{_closest(str(key), MODEL_ENTRY_KEYS)} "
+                                  f"(known: {', '.join(MODEL_ENTRY_KEYS)})")
+        _check_parameters(entry.get("parameters"), f"parameters of {entry['model']}")
+
+
+def parameter_blocks(config: MergeConfiguration) -> list[tuple[str, dict[str, Any] | None]]:
+    """Every parameters block of a configuration, with where it is (any merge method)."""
+    blocks: list[tuple[str, dict[str, Any] | None]] = [("parameters", config.parameters)]
+    for model in config.models or []:
+        blocks.append((f"parameters of {model.model}", model.parameters))
+    for index, piece in enumerate(config.slices or []):
+        blocks.append((f"parameters of slice {index}", piece.parameters))
+        for source in piece.sources:
+            blocks.append((f"parameters of {source.model} in slice {index}", source.parameters))
+    return blocks
+
+
+def check_finite_parameters(config: MergeConfiguration) -> None:
+    """Refuse NaN or infinite numbers in any recipe parameter, whatever the merge method: they
+    turn every merged tensor into NaN (or, in a median, into the minimum)."""
+    for where, parameters in parameter_blocks(config):
+        for name, value in (parameters or {}).items():
+            for leaf in _leaves(value):
+                if _is_number(leaf) and not math.isfinite(leaf):
+                    raise RecipeError(f"{name} must be a finite number, got {leaf} ({where})")
+
+
 def check_recipe(config: MergeConfiguration) -> None:
     """Validate a ``sanitize`` recipe: mergekit silently ignores misspelt parameter names."""
     if config.base_model is None:
         raise RecipeError("sanitize needs base_model: the suspect model")
-    blocks: list[tuple[str, dict[str, Any] | None]] = [("parameters", config.parameters)]
-    for model in config.models or []:
-        blocks.append((f"parameters of {model.model}", model.parameters))
     if not config.models:
         raise RecipeError("sanitize recipes list the suspect and donors under 'models:'")
-    for where, parameters in blocks:
-        unknown = sorted(set(parameters or {}) - SANITIZE_PARAMETERS)
-        if unknown:
-            raise RecipeError(
-                f"unknown sanitize parameter {unknown[0]!r} in {where}; "
-                f"known: {', '.join(sorted(SANITIZE_PARAMETERS))}"
-            )
+    for where, parameters in parameter_blocks(config):
+        _check_parameters(parameters, where)
     settings = _scalar_settings(config.parameters)
     aggregate = settings.get("aggregate", "mean")
-    if aggregate not in AGGREGATES:
-        raise RecipeError(f"aggregate {aggregate!r} is not one of {', '.join(AGGREGATES)}")
-    trim = settings.get("trim", 0.2)
-    if not 0.0 <= float(trim) < 0.5:
-        raise RecipeError(f"trim must be in [0, 0.5), got {trim}")
     weights = effective_weights(config)
     if aggregate != "mean":
         if settings.get("normalize", True) is False:

@@ -6,13 +6,17 @@ import hashlib
 import json
 import os
 import platform
+import re
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import yaml
+from mergekit.common import ModelPath, ModelReference
 from mergekit.config import MergeConfiguration
+from pydantic import BaseModel
 from tqdm import tqdm
 
 from mergekit_backdoor.merge.checks import InputModel, effective_weights
@@ -74,9 +78,49 @@ def build_manifest(
         "weights": effective_weights(config),
         "suspect": describe(suspect, "suspect"),
         "donors": [describe(donor, "donor") for donor in donors],
-        "recipe": config.to_yaml(),
+        "recipe": recipe_yaml(config),
         "versions": package_versions(),
     }
+
+
+def _plain(value: Any) -> Any:
+    """Plain data for YAML: model references as their strings, other models as dicts."""
+    if isinstance(value, ModelReference) and value.override_architecture is None:
+        return str(value)
+    if isinstance(value, ModelPath):
+        return str(value)
+    if isinstance(value, BaseModel):
+        fields = {name: getattr(value, name) for name in type(value).model_fields}
+        return {name: _plain(item) for name, item in fields.items() if item is not None}
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def recipe_yaml(config: MergeConfiguration) -> str:
+    """The configuration as YAML. ``MergeConfiguration.to_yaml`` fails on a model path with a
+    space or quote (mergekit's serializer then returns the reference itself)."""
+    return yaml.safe_dump(_plain(config), sort_keys=False).rstrip()
+
+
+def name_model_card(out_dir: Path, title: str, models: list[str]) -> None:
+    """mergekit's card is written in the staging folder: give it the output's name as its
+    title and the merged models (suspect first) as its ``base_model`` front matter."""
+    card = out_dir / "README.md"
+    if not card.is_file():
+        return
+    text = card.read_text(encoding="utf-8")
+    if text.startswith("---\n") and "\n---\n" in text[3:]:
+        end = text.index("\n---\n", 3)
+        metadata = yaml.safe_load(text[4:end]) or {}
+        if isinstance(metadata, dict):
+            metadata["base_model"] = list(models)
+            text = "---\n" + yaml.safe_dump(metadata, sort_keys=False) + text[end + 1:]
+    text = re.sub(rf"^# {re.escape(out_dir.name)}$", lambda _: f"# {title}", text, count=1,
+                  flags=re.MULTILINE)
+    card.write_text(text, encoding="utf-8")
 
 
 def write_provenance(out_dir: Path, manifest: dict[str, Any]) -> None:

@@ -8,23 +8,41 @@ The start-up hook installs :func:`install_run_merge_wrapper` on ``mergekit.merge
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import yaml
+from mergekit.common import ModelPath, ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
-from mergekit_backdoor.errors import BackdoorError
+from mergekit_backdoor.errors import BackdoorError, RecipeError
 from mergekit_backdoor.merge.checks import (
     check_compatible,
+    check_finite_parameters,
     check_recipe,
     inspect_model,
     recipe_models,
+    validate_recipe_data,
 )
-from mergekit_backdoor.merge.provenance import build_manifest, hash_inputs, write_provenance
-from mergekit_backdoor.outputs import OVERWRITE_ENV, ensure_output_free, staged_folder
+from mergekit_backdoor.merge.provenance import (
+    build_manifest,
+    hash_inputs,
+    name_model_card,
+    recipe_yaml,
+    write_provenance,
+)
+from mergekit_backdoor.outputs import (
+    OVERWRITE_ENV,
+    ensure_output_free,
+    refuse_output_overlapping,
+    staged_folder,
+)
 
 ALLOW_PICKLE_ENV = "MERGEKIT_BACKDOOR_ALLOW_PICKLE"
 
@@ -45,19 +63,70 @@ def _suspect_dtype(config: dict[str, Any]) -> str | None:
     return dtype if isinstance(dtype, str) else None
 
 
-def _absolute_reference(reference: str) -> str:
-    parts = [os.path.abspath(part) if os.path.exists(part) else part for part in reference.split("+")]
-    return "+".join(parts)
+def _absolute(path: ModelPath) -> ModelPath:
+    return path.model_copy(update={"path": os.path.abspath(path.path)}) if os.path.exists(
+        path.path) else path
+
+
+def _absolute_reference(reference: ModelReference) -> ModelReference:
+    lora = _absolute(reference.lora) if reference.lora is not None else None
+    return reference.model_copy(update={"model": _absolute(reference.model), "lora": lora})
 
 
 def with_absolute_paths(config: MergeConfiguration) -> MergeConfiguration:
-    """Local model paths made absolute: mergekit's model card asks the Hub about relative ones."""
-    data = config.model_dump(mode="json", exclude_none=True)
-    if "base_model" in data:
-        data["base_model"] = _absolute_reference(str(data["base_model"]))
-    for model in data.get("models") or []:
-        model["model"] = _absolute_reference(str(model["model"]))
-    return MergeConfiguration.model_validate(data)
+    """Local model paths made absolute: mergekit's model card asks the Hub about relative ones.
+
+    The references are copied, not round-tripped through ``model_dump``: mergekit's
+    ``ModelReference`` serializer returns the object itself for a path holding a space or a
+    quote, which pydantic reports as "Circular reference detected".
+    """
+    update: dict[str, Any] = {}
+    if config.base_model is not None:
+        update["base_model"] = _absolute_reference(config.base_model)
+    if config.models:
+        update["models"] = [model.model_copy(update={"model": _absolute_reference(model.model)})
+                            for model in config.models]
+    return config.model_copy(update=update)
+
+
+def input_paths(config: MergeConfiguration) -> list[str]:
+    """The local folders a configuration reads (models and LoRA adapters)."""
+    paths = []
+    for reference in config.referenced_models():
+        paths.append(reference.model.path)
+        if reference.lora is not None:
+            paths.append(reference.lora.path)
+    return paths
+
+
+def validate_recipe_source(config_source: str | None, source: str = "the recipe") -> None:
+    """``validate_recipe_data`` on the YAML text of a ``sanitize`` recipe, when there is one."""
+    if not config_source:
+        return
+    try:
+        raw = yaml.safe_load(config_source)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if isinstance(raw, dict) and raw.get("merge_method") == "sanitize":
+        validate_recipe_data(raw, source)
+
+
+class _DropTorchDtypeNotice(logging.Filter):
+    # mergekit 0.1.5 sets ``config.torch_dtype``, which transformers 5 calls deprecated: a
+    # message about mergekit's code that the user can do nothing about.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`torch_dtype` is deprecated" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_mergekit() -> Iterator[None]:
+    logger = logging.getLogger("transformers.configuration_utils")
+    notice = _DropTorchDtypeNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
 
 
 def sanitize_merge(
@@ -77,8 +146,12 @@ def sanitize_merge(
     overwrite = _env_flag(OVERWRITE_ENV) if overwrite is None else overwrite
     allow_pickle = _env_flag(ALLOW_PICKLE_ENV) if allow_pickle is None else allow_pickle
     out = Path(out_path).absolute()
-    ensure_output_free(out, overwrite)
     config = with_absolute_paths(config)
+    refuse_output_overlapping(out, input_paths(config), what="output folder")
+    ensure_output_free(out, overwrite)
+    if config.merge_method == "sanitize":
+        validate_recipe_source(config_source)
+    check_finite_parameters(config)
     references = config.referenced_models()
     if any(ref.lora is not None for ref in references) and not options.lora_merge_cache:
         cache = Path.home() / ".cache" / "mergekit-backdoor" / "lora"
@@ -96,12 +169,19 @@ def sanitize_merge(
             config = config.model_copy(update={"out_dtype": _suspect_dtype(suspect.config)})
         hashes = hash_inputs([suspect, *donors], quiet=options.quiet)
         manifest = build_manifest(config, suspect, donors, hashes)
+        card_models = [suspect.name, *(donor.name for donor in donors)]
+    else:
+        card_models = [str(reference) for reference in references]
+    if config_source is None:  # mergekit's own to_yaml() fails on paths with spaces
+        config_source = recipe_yaml(config)
 
     with staged_folder(out, overwrite) as partial:
         # mergekit rewrites the configuration it is given (models -> modules): pass a copy
         merge = _mergekit_run_merge()
-        merge(config.model_copy(deep=True), str(partial), options=options,
-              config_source=config_source)
+        with _quiet_mergekit():
+            merge(config.model_copy(deep=True), str(partial), options=options,
+                  config_source=config_source)
+        name_model_card(partial, out.name, card_models)
         if suspect is not None and manifest is not None:
             generation_config = suspect.path / "generation_config.json"
             if generation_config.is_file() and not (partial / "generation_config.json").exists():
@@ -138,9 +218,22 @@ def install_cli_error_handler(module: Any) -> None:
     @functools.wraps(callback)
     def guarded(*args: Any, **kwargs: Any) -> Any:
         try:
+            _validate_recipe_file(kwargs.get("config_file"))
             return callback(*args, **kwargs)
         except BackdoorError as exc:
             raise click.ClickException(str(exc)) from exc
 
     guarded._mergekit_backdoor = True  # type: ignore[attr-defined]
     command.callback = guarded
+
+
+def _validate_recipe_file(config_file: str | None) -> None:
+    """A ``sanitize`` recipe file checked as written, before mergekit parses (and prunes) it."""
+    if config_file is None:
+        return
+    try:
+        text = Path(config_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise RecipeError(f"{config_file}: cannot read the recipe ({reason})") from None
+    validate_recipe_source(text, source=config_file)

@@ -17,7 +17,6 @@ appears in that test split is skipped), or read from a user's JSON/JSONL/CSV fil
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,14 +58,15 @@ class SearchResult:
 # --- clean examples -----------------------------------------------------------------------------
 
 def clean_examples(dataset: str, per_class: int, *, seed: int = 0,
-                   data_dir: str | Path | None = None) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
+                   data_dir: str | Path | None = None, verify: bool = True
+                   ) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
     """``per_class`` clean training rows per label (seeded), none of whose text is in the test split."""
     from mergekit_backdoor.data import get_spec, load_split
 
     _check_per_class(per_class)
     spec = get_spec(dataset)
-    train = load_split(dataset, "clean", "train", data_dir=data_dir)
-    test = load_split(dataset, "clean", "test", data_dir=data_dir)
+    train = load_split(dataset, "clean", "train", data_dir=data_dir, verify=verify)
+    test = load_split(dataset, "clean", "test", data_dir=data_dir, verify=verify)
     field = spec.trigger_field
     held_out = set(test[field])
     by_label: dict[int, list[int]] = {}
@@ -90,42 +90,20 @@ def clean_examples(dataset: str, per_class: int, *, seed: int = 0,
     return picked, spec.text_fields
 
 
-def read_examples(path: str | Path, per_class: int) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
+def read_examples(path: str | Path, per_class: int, *, num_labels: int | None = None
+                  ) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
     """Rows from a JSON list, JSONL or CSV/TSV file with a ``label`` column and ``sentence`` or
-    ``text`` (or ``question`` + ``sentence``); at most ``per_class`` per label, in file order."""
-    import csv
+    ``text`` (or ``question`` + ``sentence``), checked row by row (``data.samples``): labels in
+    ``0..num_labels-1``, at least two classes; at most ``per_class`` per label, in file order."""
+    from mergekit_backdoor.data.samples import read_samples
 
     _check_per_class(per_class)
-    file = Path(path)
-    if not file.is_file():
-        raise DataError(f"{file}: clean-sample file not found")
-    text = file.read_text(encoding="utf-8")
-    try:
-        if file.suffix in (".csv", ".tsv"):
-            rows = list(csv.DictReader(text.splitlines(), delimiter="\t" if file.suffix == ".tsv"
-                                       else ","))
-        elif text.lstrip().startswith("["):
-            rows = json.loads(text)
-        else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except (json.JSONDecodeError, csv.Error) as exc:
-        raise DataError(f"{file}: cannot parse clean samples ({exc})") from exc
-    if not rows or "label" not in rows[0]:
-        raise DataError(f"{file}: clean samples need a 'label' column")
-    columns = set(rows[0])
-    fields = next((f for f in (("question", "sentence"), ("sentence",), ("text",))
-                   if set(f) <= columns), None)
-    if fields is None:
-        raise DataError(f"{file}: clean samples need a 'sentence' or 'text' column")
+    rows, fields = read_samples(path, num_labels=num_labels, min_classes=2)
     kept: dict[int, list[dict[str, Any]]] = {}
     for row in rows:
-        try:
-            label = int(row["label"])
-        except (TypeError, ValueError) as exc:
-            raise DataError(f"{file}: label {row['label']!r} is not an integer class id") from exc
-        bucket = kept.setdefault(label, [])
+        bucket = kept.setdefault(row["label"], [])
         if len(bucket) < per_class:
-            bucket.append({**{f: row[f] for f in fields}, "label": label})
+            bucket.append(row)
     return [row for label in sorted(kept) for row in kept[label]], fields
 
 
@@ -136,6 +114,33 @@ def _check_per_class(per_class: int) -> None:
 
 
 # --- models -------------------------------------------------------------------------------------
+
+def num_labels_of(config: dict[str, Any]) -> int | None:
+    """How many classes a classifier's config declares (id2label, else num_labels)."""
+    if config.get("id2label"):
+        return len(config["id2label"])
+    value = config.get("num_labels")
+    return value if isinstance(value, int) else None
+
+
+def suspect_num_labels(suspect: str) -> int | None:
+    """The number of classes of the suspect (a local folder or hub id), to check samples by."""
+    from mergekit.common import ModelReference
+
+    from mergekit_backdoor.merge.checks import inspect_model
+
+    return num_labels_of(inspect_model(ModelReference.model_validate(suspect)).config)
+
+
+def _check_example_labels(examples: list[dict[str, Any]], suspect: Any) -> None:
+    count = num_labels_of(suspect.config)
+    labels = sorted({int(row["label"]) for row in examples})
+    if count is not None and any(not 0 <= label < count for label in labels):
+        raise DataError(f"the clean samples have labels {labels}, but {suspect.name} has "
+                        f"{count} classes (0 to {count - 1})")
+    if len(labels) < 2:
+        raise DataError("the clean samples hold a single class; give at least two")
+
 
 def _load_tensors(folder: Path, name: str) -> dict[str, Any]:
     from safetensors.torch import load_file
@@ -216,7 +221,8 @@ def search_layout(models: Sequence[str], examples: list[dict[str, Any]], text_fi
     ``examples`` and return the best."""
     import torch
     from rich.progress import track
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from mergekit_backdoor.loading import load_classifier, load_tokenizer
 
     if len(models) < 2:
         raise RecipeError("module switching needs the suspect and at least one donor")
@@ -230,6 +236,7 @@ def search_layout(models: Sequence[str], examples: list[dict[str, Any]], text_fi
         if model.adapter_path is not None:
             raise IncompatibleModelError(f"{model.name}: the layout search reads full models, not "
                                          "base+adapter references; merge the adapter into its base first")
+    _check_example_labels(examples, inputs[0])
     folders = [model.path for model in inputs]
     tensors = [_load_tensors(folder, name) for folder, name in zip(folders, models, strict=True)]
     slots = find_slots(tensors[0])
@@ -238,8 +245,8 @@ def search_layout(models: Sequence[str], examples: list[dict[str, Any]], text_fi
                                      "its tensor names; module switching does not know this layout")
     composer = _Composer(tensors, slots)
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(str(folders[0])).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(folders[0]))
+    model = load_classifier(folders[0]).eval()
+    tokenizer = load_tokenizer(folders[0])
     batches = _batches(tokenizer, examples, text_fields, max_length)
     labels = [int(row["label"]) for row in examples]
 
@@ -268,10 +275,12 @@ def write_recipe(result: SearchResult, path: str | Path, *, overwrite: bool = Fa
                  dtype: str | None = None, note: str = "") -> Path:
     """The recipe as YAML with the search's settings and scores in a comment header, atomically."""
     from mergekit_backdoor.errors import OutputExistsError
+    from mergekit_backdoor.outputs import refuse_output_overlapping, write_text
 
     out = Path(path)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
+    refuse_output_overlapping(out, result.models, what="recipe file")
     header = [
         "Module-switching layout found by `mergekit-backdoor search` (MSD-style, arXiv 2504.05902).",
         "Each listed module comes whole from one model (weight 1 there, 0 elsewhere); all other",
@@ -285,7 +294,5 @@ def write_recipe(result: SearchResult, path: str | Path, *, overwrite: bool = Fa
     text = "".join(f"# {line}\n" for line in header)
     text += yaml.safe_dump(result.recipe(dtype), sort_keys=False, width=120)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(out)
+    write_text(out, text, overwrite=overwrite)
     return out

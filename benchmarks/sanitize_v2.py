@@ -1,0 +1,251 @@
+"""Sanitizer v2: merge, then repair, measured on the reproduction benchmark's models.
+
+For every combination of 2 and 3 models holding a victim, and all models, of each dataset
+(``reproduce.py``'s ``cpu`` profile; the models it cached in ``benchmarks/work/``), merge with
+``sanitize`` (``mean`` = WAG or ``median``) through mergekit, then repair the merged model with
+``mergekit_backdoor.repair`` on 300 unlabeled clean training sentences (never a test row):
+
+- ``mixed``: random words, clean spans and paraphrase-like edits; no labels, no trigger;
+- ``scan``: the same, plus the candidate triggers that ``benchmarks/scan.py`` flagged on the
+  merged models (each model scanned with the dataset's other models as references);
+- ``none``: no repair (the merge alone; also in ``reproduce_cpu.json``).
+
+Each victim is also repaired alone (``single``, no merge). Every result is evaluated on the whole
+``backdoor_<dataset>`` suite (CACC and every attack's ASR), and the **floor** (the clean model's
+ASR per triggered set) is measured under the *same* repair: the clean model repaired with the same
+settings and, for ``scan``, with every trigger the scan flagged in that dataset. Floor-adjusted
+removal of a victim's own attack = (victim ASR - ASR after) / (victim ASR - floor).
+
+    python benchmarks/sanitize_v2.py --datasets olid --sizes 3       # resumable
+    python benchmarks/sanitize_v2.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import reproduce  # noqa: E402
+
+RESULTS = reproduce.RESULTS
+SAMPLES = 300  # unlabeled clean training sentences for the repair
+VARIANTS = ("mixed", "scan")
+
+
+def repair_settings(variant: str, triggers: tuple[str, ...], profile: dict[str, Any],
+                    args: argparse.Namespace) -> Any:
+    from mergekit_backdoor.repair.repair import RepairSettings
+
+    return RepairSettings(steps=args.steps, lr=args.lr, perturbation="mixed",
+                          max_length=profile["max_length"], device=args.device,
+                          triggers=triggers if variant == "scan" else ())
+
+
+def flagged_triggers(scans: dict[str, Any], dataset: str, members: tuple[str, ...]) -> tuple[str, ...]:
+    """Candidate triggers whose score reached the threshold in the members' scans."""
+    found: list[str] = []
+    for member in members:
+        scan = scans.get(f"{dataset}/{member}", {}).get("scan")
+        if scan is None:
+            raise SystemExit(f"no scan of {dataset}/{member}: run benchmarks/scan.py first")
+        for label in scan["labels"]:
+            found += [c["trigger"] for c in label["candidates"] if c["score"] >= scan["threshold"]]
+    return tuple(dict.fromkeys(found))
+
+
+def combos(names: tuple[str, ...], sizes: list[int]) -> list[tuple[str, ...]]:
+    out = [c for size in sizes if size <= len(names) for c in itertools.combinations(names, size)
+           if any(n != "clean" for n in c)]
+    if "all" in map(str, sizes) or 0 in sizes:
+        out.append(names)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--datasets", default="olid,qnli,sst2,agnews")
+    parser.add_argument("--methods", default="median,mean")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--sizes", default="3,2,0", help="merge sizes; 0 = all models")
+    parser.add_argument("--single", action="store_true", help="also repair each victim alone")
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--tag", default="", help="results key suffix for other settings")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--work", type=Path, default=reproduce.REPO / "benchmarks" / "work")
+    parser.add_argument("--deadline", type=float, default=None)
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    path = RESULTS / f"sanitize_v2_{args.profile}.json"
+    store = json.loads(path.read_text()) if path.exists() else {"runs": {}, "floors": {}}
+    if args.report:
+        print(report(store, json.loads((RESULTS / f"reproduce_{args.profile}.json").read_text())))
+        return
+    started = time.time()
+    profile = reproduce.PROFILES[args.profile]
+    scans = json.loads((RESULTS / f"scan_{args.profile}.json").read_text())["scans"]
+
+    def save() -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(store, indent=1, sort_keys=True))
+        tmp.replace(path)
+
+    for dataset in args.datasets.split(","):
+        folder = args.work / "reproduce" / args.profile / dataset
+        names = tuple(n for n in reproduce.MODELS[dataset] if (folder / n / "config.json").is_file())
+        paths = {n: folder / n for n in names}
+        texts = repair_samples(dataset, args)
+        variants = args.variants.split(",")
+        all_triggers = flagged_triggers(scans, dataset, names)
+        for variant in variants:  # floors first: every result of this variant needs them
+            key = f"{dataset}/{variant}{args.tag}"
+            if key not in store["floors"]:
+                store["floors"][key] = run_one(paths["clean"], dataset, variant, all_triggers,
+                                               texts, profile, args)
+                save()
+        jobs: list[tuple[tuple[str, ...], str]] = []
+        if args.single:
+            jobs += [((n,), "single") for n in names if n != "clean"]
+        sizes = [int(s) for s in args.sizes.split(",")]
+        jobs += [(c, m) for c in combos(names, sizes) for m in args.methods.split(",")
+                 if not (m == "mean" and len(c) == 2 and "median" in args.methods)]
+        for members, method in jobs:
+            for variant in variants:
+                key = f"{dataset}/{'+'.join(members)}/{method}/{variant}{args.tag}"
+                if key in store["runs"]:
+                    continue
+                if args.deadline and time.time() - started > args.deadline:
+                    print(f"deadline reached before {key}", flush=True)
+                    return
+                triggers = flagged_triggers(scans, dataset, members)
+                t0 = time.time()
+                if method == "single":
+                    source = paths[members[0]]
+                    merge_s = 0.0
+                else:
+                    source = merge(members, method, paths, args)
+                    merge_s = time.time() - t0
+                result = run_one(source, dataset, variant, triggers, texts, profile, args)
+                if method != "single":
+                    shutil.rmtree(source, ignore_errors=True)
+                store["runs"][key] = {**result, "members": list(members), "method": method,
+                                      "variant": variant, "triggers": list(triggers),
+                                      "merge_s": merge_s}
+                save()
+                print(f"{key}: cacc={result['cacc']:.3f} {json.dumps(result['asr'])} "
+                      f"({time.time() - t0:.0f}s)", flush=True)
+    print(report(store, json.loads((RESULTS / f"reproduce_{args.profile}.json").read_text())))
+
+
+def repair_samples(dataset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from mergekit_backdoor.data import get_spec
+    from mergekit_backdoor.tasks.resolve import resolve_task
+
+    spec = get_spec(dataset)
+    rows = resolve_task(dataset).clean_examples(SAMPLES // spec.num_labels, seed=1,
+                                                data_dir=args.data_dir)
+    return [{f: r[f] for f in spec.text_fields} for r in rows]
+
+
+def merge(members: tuple[str, ...], method: str, paths: dict[str, Path],
+          args: argparse.Namespace) -> Path:
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from mergekit_backdoor.merge.run import sanitize_merge
+
+    ordered = reproduce.suspect_first(members)
+    recipe = reproduce.merge_recipe(ordered, method, paths)
+    out = args.work / "sanitize_v2" / "merged"
+    shutil.rmtree(out, ignore_errors=True)
+    options = MergeOptions(quiet=True, random_seed=reproduce.SEED, device=args.device,
+                           cuda=args.device == "cuda")
+    sanitize_merge(MergeConfiguration.model_validate(recipe), out, options, overwrite=True)
+    return out
+
+
+def run_one(source: Path, dataset: str, variant: str, triggers: tuple[str, ...],
+            texts: list[dict[str, Any]], profile: dict[str, Any], args: argparse.Namespace
+            ) -> dict[str, Any]:
+    """Repair ``source`` (unless ``variant`` is none) and evaluate the result."""
+    from mergekit_backdoor.data import get_spec
+    from mergekit_backdoor.repair.repair import repair_to
+
+    out = args.work / "sanitize_v2" / "repaired"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.time()
+    summary = repair_to(source, texts, get_spec(dataset).text_fields, out,
+                        settings=repair_settings(variant, triggers, profile, args),
+                        samples_note=f"{len(texts)} clean {dataset} training sentences",
+                        progress=False)
+    repair_s = time.time() - t0
+    result = reproduce.evaluate(out, dataset, profile, args)
+    shutil.rmtree(out, ignore_errors=True)
+    return {**result, "repair_s": repair_s, "eval_s": time.time() - t0 - repair_s,
+            "loss_last": summary["loss_mean_last_10"]}
+
+
+# --- reading the results ------------------------------------------------------------------------
+
+
+def report(store: dict[str, Any], reproduced: dict[str, Any]) -> str:
+    models, merges = reproduced["models"], reproduced["merges"]
+    lines: list[str] = []
+    for dataset in reproduce.MODELS:
+        runs = {k: v for k, v in store["runs"].items() if k.startswith(f"{dataset}/")}
+        if not runs:
+            continue
+        clean = models[f"{dataset}/clean"]["asr"]
+        rows: dict[tuple[str, str, int], list[dict[str, float]]] = {}
+        for run in runs.values():
+            floor = store["floors"][f"{dataset}/{run['variant']}"]["asr"]
+            rows.setdefault((run["method"], run["variant"], len(run["members"])), []).append(
+                score(run, models, dataset, floor, clean))
+        for key, merged in merges.items():  # the merges alone, on the same combinations
+            if not key.startswith(f"{dataset}/") or merged["method"] not in ("mean", "median"):
+                continue
+            if not any(r["members"] == merged["members"] for r in runs.values()):
+                continue
+            rows.setdefault((merged["method"], "none", len(merged["members"])), []).append(
+                score(merged, models, dataset, clean, clean))
+        lines += [f"\n#### {dataset}: merge × repair (means over the combinations run)\n",
+                  "| method | repair | models | runs | floor-adjusted removal | own ASR | "
+                  "CACC − inputs' mean | worst unmerged trigger − floor |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for (method, variant, size), scores in sorted(rows.items()):
+            means = {k: sum(s[k] for s in scores) / len(scores) for k in ("removal", "own",
+                                                                          "cacc_gap")}
+            lines.append(f"| {method} | {variant} | {size} | {len(scores)} | "
+                         f"{100 * means['removal']:.0f}% | {100 * means['own']:.1f} | "
+                         f"{100 * means['cacc_gap']:+.1f} | "
+                         f"{100 * max(s['other'] for s in scores):+.1f} |")
+    return "\n".join(lines)
+
+
+def score(run: dict[str, Any], models: dict[str, Any], dataset: str, floor: dict[str, float],
+          clean: dict[str, float]) -> dict[str, float]:
+    victims = [m for m in run["members"] if m != "clean"]
+    removal, own = [], []
+    for attack in victims:
+        victim = models[f"{dataset}/{attack}"]["asr"][attack]
+        after = run["asr"][attack]
+        own.append(after)
+        removal.append((victim - after) / (victim - floor[attack]) if victim > floor[attack]
+                       else float("nan"))
+    others = [run["asr"][a] - floor[a] for a in run["asr"] if a not in run["members"]]
+    inputs = sum(models[f"{dataset}/{m}"]["cacc"] for m in run["members"]) / len(run["members"])
+    return {"removal": sum(removal) / len(removal), "own": sum(own) / len(own),
+            "cacc_gap": run["cacc"] - inputs, "other": max(others) if others else 0.0}
+
+
+if __name__ == "__main__":
+    main()

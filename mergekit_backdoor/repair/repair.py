@@ -1,0 +1,212 @@
+"""``repair``: fine-tune a (merged) classifier so that inserted text stops moving its predictions,
+with unlabeled clean text and no knowledge of the trigger.
+
+Each step takes a batch of clean samples and a perturbed copy of each (``perturb.py``; the last
+text field is perturbed, where the registry's attacks put their triggers). The frozen input
+model's class distribution on the *clean* text is the target for the repaired model on the
+*perturbed* text (a KL divergence), and, with ``clean_weight``, on the clean text too (it anchors
+the clean behaviour). Labels are never read. AdamW with linear decay, seeded: the same samples,
+settings and seed give the same weights on a CPU.
+
+The repaired model is written like every other output (atomically, under a hidden name), with
+the input's files it does not replace (model card, merge manifest), a ``repair`` section in
+``sanitize_manifest.json`` (settings, the samples' sha256, the steps and losses) and a "Backdoor
+repair" section in its model card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergekit_backdoor.data.sources import Row
+from mergekit_backdoor.errors import DataError, RecipeError
+from mergekit_backdoor.repair.perturb import FAMILIES, perturbation
+
+MANIFEST_NAME = "sanitize_manifest.json"
+MAX_SAMPLES = 1000
+# Measured defaults (benchmarks/README.md, "Sanitizer v2").
+DEFAULT_STEPS = 120
+DEFAULT_LR = 5e-5
+DEFAULT_PERTURBATION = "mixed"
+
+
+@dataclass(frozen=True)
+class RepairSettings:
+    steps: int = DEFAULT_STEPS
+    lr: float = DEFAULT_LR
+    batch_size: int = 16
+    perturbation: str = DEFAULT_PERTURBATION
+    clean_weight: float = 1.0
+    max_length: int = 128
+    seed: int = 0
+    device: str = "cpu"
+    triggers: tuple[str, ...] = field(default_factory=tuple)
+
+    def check(self) -> None:
+        if self.steps < 1:
+            raise RecipeError(f"repair steps must be at least 1, got {self.steps}")
+        if not 0 < self.lr < 1:
+            raise RecipeError(f"repair learning rate must be in (0, 1), got {self.lr}")
+        if self.batch_size < 1:
+            raise RecipeError(f"repair batch size must be at least 1, got {self.batch_size}")
+        if self.perturbation not in FAMILIES:
+            raise RecipeError(f"unknown perturbation {self.perturbation!r}; choose one of "
+                              f"{', '.join(FAMILIES)}")
+        if self.perturbation == "triggers" and not self.triggers:
+            raise RecipeError("perturbation 'triggers' needs candidate triggers (--trigger, or "
+                              "a scan)")
+
+
+def samples_digest(rows: Sequence[Row], fields: Sequence[str]) -> str:
+    """sha256 of the samples' text fields, in order (what the repair read)."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps([row[f] for f in fields], ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def _vocabulary(tokenizer: Any) -> list[str]:
+    from mergekit_backdoor.scan.model import word_vocabulary
+
+    starts, _ = word_vocabulary(tokenizer)
+    return [token.lstrip("Ġ▁") for token in tokenizer.convert_ids_to_tokens(starts)]
+
+
+def repair_model(
+    model_path: str | Path,
+    rows: Sequence[Row],
+    fields: Sequence[str],
+    *,
+    settings: RepairSettings | None = None,
+    progress: bool = True,
+    desc: str = "repair",
+) -> tuple[Any, Any, dict[str, Any]]:
+    """The repaired model and tokenizer (in memory) and what the repair did."""
+    import torch
+
+    from mergekit_backdoor.loading import load_classifier, load_tokenizer
+
+    settings = settings or RepairSettings()
+    settings.check()
+    if not rows:
+        raise DataError("no repair samples")
+    if len(rows) > MAX_SAMPLES:
+        raise DataError(f"{len(rows)} repair samples; at most {MAX_SAMPLES} (a few hundred is "
+                        "enough)")
+    fields = tuple(fields)
+    torch.manual_seed(settings.seed)
+    rng = random.Random(f"repair/{settings.seed}")
+    tokenizer = load_tokenizer(model_path)
+    student = load_classifier(model_path).to(settings.device)
+    teacher = load_classifier(model_path).to(settings.device).eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    for model in (student, teacher):
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+    last = fields[-1]
+    perturb = perturbation(settings.perturbation, vocabulary=_vocabulary(tokenizer),
+                           texts=[row[last] for row in rows], triggers=settings.triggers)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=settings.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: max(0.0, 1.0 - step / settings.steps))
+    generator = torch.Generator().manual_seed(settings.seed)
+
+    def encode(batch: list[Row]) -> Any:
+        return tokenizer(*[[row[f] for row in batch] for f in fields], padding=True,
+                         truncation=True, max_length=settings.max_length,
+                         return_tensors="pt").to(settings.device)
+
+    student.train()
+    losses: list[float] = []
+    order: list[int] = []
+    started = time.perf_counter()
+    for _ in _steps(settings.steps, progress, desc):
+        while len(order) < settings.batch_size:
+            order += torch.randperm(len(rows), generator=generator).tolist()
+        batch, order = [rows[i] for i in order[:settings.batch_size]], order[settings.batch_size:]
+        perturbed = [{**row, last: perturb(row[last], rng)} for row in batch]
+        with torch.no_grad():
+            target = torch.log_softmax(teacher(**encode(batch)).logits.float(), dim=-1)
+        moved = torch.log_softmax(student(**encode(perturbed)).logits.float(), dim=-1)
+        loss = torch.nn.functional.kl_div(moved, target, log_target=True, reduction="batchmean")
+        if settings.clean_weight:
+            kept = torch.log_softmax(student(**encode(batch)).logits.float(), dim=-1)
+            loss = loss + settings.clean_weight * torch.nn.functional.kl_div(
+                kept, target, log_target=True, reduction="batchmean")
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    student.eval()
+    summary = {
+        "settings": asdict(settings), "samples": len(rows), "fields": list(fields),
+        "samples_sha256": samples_digest(rows, fields), "steps": settings.steps,
+        "loss_first": losses[0], "loss_last": losses[-1],
+        "loss_mean_last_10": sum(losses[-10:]) / len(losses[-10:]),
+        "seconds": time.perf_counter() - started,
+    }
+    return student, tokenizer, summary
+
+
+def _steps(total: int, progress: bool, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(range(total), desc=desc, disable=not progress, leave=False)
+
+
+def save_repaired(model: Any, tokenizer: Any, source: Path, folder: Path,
+                  summary: dict[str, Any], samples_note: str) -> None:
+    """Write the repaired model into ``folder`` (a staging folder) with its provenance."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    generation = source / "generation_config.json"
+    if generation.is_file() and not (folder / "generation_config.json").exists():
+        shutil.copy(generation, folder / "generation_config.json")
+    manifest_file = source / MANIFEST_NAME
+    manifest = json.loads(manifest_file.read_text(encoding="utf-8")) \
+        if manifest_file.is_file() else {"format": "mergekit-backdoor/manifest-v1"}
+    manifest["repair"] = {**summary, "input": str(source.resolve()), "samples_source": samples_note}
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n",
+                                        encoding="utf-8")
+    card = source / "README.md"
+    text = card.read_text(encoding="utf-8") if card.is_file() else f"# {source.name} (repaired)\n"
+    s = summary["settings"]
+    text += (
+        "\n## Backdoor repair\n\n"
+        f"After merging, `mergekit-backdoor repair` fine-tuned this model for {s['steps']} steps "
+        f"(lr {s['lr']}, batch {s['batch_size']}, perturbation `{s['perturbation']}`, seed "
+        f"{s['seed']}) so that its predictions on perturbed clean text match the unrepaired "
+        f"model's on the clean text. It read {summary['samples']} unlabeled samples ({samples_note}; "
+        f"sha256 of their text `{summary['samples_sha256'][:16]}...`) and no labels. Details are "
+        f"in `{MANIFEST_NAME}`.\n")
+    (folder / "README.md").write_text(text, encoding="utf-8")
+
+
+def repair_to(model_path: str | Path, rows: Sequence[Row], fields: Sequence[str],
+              out: str | Path, *, settings: RepairSettings | None = None,
+              samples_note: str = "", overwrite: bool = False, progress: bool = True,
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Repair ``model_path`` and write the result to ``out`` atomically; the repair's summary."""
+    from mergekit_backdoor.outputs import refuse_output_overlapping, staged_folder
+
+    refuse_output_overlapping(out, [model_path], what="repaired model")
+    model, tokenizer, summary = repair_model(model_path, rows, fields, settings=settings,
+                                             progress=progress)
+    with staged_folder(Path(out), overwrite) as folder:
+        save_repaired(model, tokenizer, Path(model_path), folder, summary, samples_note)
+    if log is not None:
+        log(f"repaired model written to {out}")
+    return summary

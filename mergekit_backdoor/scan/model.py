@@ -1,0 +1,186 @@
+"""A sequence classifier seen at the token level, for trigger search and scoring.
+
+A trigger is a short run of vocabulary tokens inserted at a word boundary of the last text field
+(``sentence``; the second field of a pair, as the registry's attacks do). The search works on token
+ids (insert, forward, gradient with respect to an inserted token's embedding); the final scores
+insert the trigger's *text* at a random word position and tokenize afresh, exactly as a user would
+reproduce them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mergekit_backdoor.errors import IncompatibleModelError
+
+# Room left in every encoded example for an inserted trigger (tokens).
+TRIGGER_ROOM = 8
+_WORD = re.compile(r"^[a-z]{2,}$")
+
+
+@dataclass
+class Encoded:
+    """One example as token ids, with where a trigger may go."""
+
+    ids: list[int]
+    types: list[int] | None  # token_type_ids, when the tokenizer makes them
+    slots: list[int]  # insertion points: word starts of the last segment, and its end
+    label: int
+
+
+def load_scan_model(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
+    """(model, tokenizer) of a local sequence classifier; never runs repository code."""
+    from mergekit_backdoor.loading import check_model_folder, load_classifier, load_tokenizer
+
+    name = str(path)
+    config = check_model_folder(path)
+    archs = config.get("architectures") or []
+    if not any(str(a).endswith("ForSequenceClassification") for a in archs):
+        raise IncompatibleModelError(
+            f"{name}: architectures {archs or 'unknown'} is not a sequence classifier")
+    model, tokenizer = load_classifier(path), load_tokenizer(path)
+    if not getattr(tokenizer, "is_fast", False):
+        raise IncompatibleModelError(f"{name}: the scan needs a fast (Rust) tokenizer")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device).eval(), tokenizer
+
+
+def word_vocabulary(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """Ids of word-starting alphabetic tokens (two letters or more) and of word continuations.
+
+    WordPiece marks continuations with ``##``, byte-level BPE marks word starts with ``Ġ`` and
+    SentencePiece with ``▁``. Special tokens are never candidates.
+    """
+    vocab = tokenizer.get_vocab()
+    special = set(tokenizer.all_special_ids)
+    wordpiece = any(token.startswith("##") for token in vocab)
+    starts, continuations = [], []
+    for token, index in vocab.items():
+        if index in special:
+            continue
+        if wordpiece:
+            is_start, bare = not token.startswith("##"), token.removeprefix("##")
+        elif token[:1] in ("Ġ", "▁"):
+            is_start, bare = True, token[1:]
+        else:
+            is_start, bare = False, token
+        if _WORD.match(bare.lower()) and bare.isascii():
+            (starts if is_start else continuations).append(index)
+    return sorted(starts), sorted(continuations)
+
+
+class TriggerModel:
+    """Token-level access to a classifier: insert token runs, classify, take gradients."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_length: int = 128, batch_size: int = 64
+                 ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.device = next(model.parameters()).device
+        self.num_labels = int(model.config.num_labels)
+        self.embeddings = model.get_input_embeddings().weight
+
+    # --- encoding -----------------------------------------------------------------------------
+    def encode(self, row: dict[str, Any], fields: Sequence[str]) -> Encoded:
+        texts = [row[f] for f in fields]
+        enc = self.tokenizer(*texts, truncation=True, max_length=self.max_length - TRIGGER_ROOM)
+        ids = list(enc["input_ids"])
+        types = list(enc["token_type_ids"]) if "token_type_ids" in enc else None
+        sequence_ids = enc.sequence_ids()
+        words = enc.word_ids()
+        last = len(fields) - 1
+        positions = [i for i, s in enumerate(sequence_ids) if s == last]
+        slots = [i for i in positions if i == positions[0] or words[i] != words[i - 1]]
+        slots.append(positions[-1] + 1 if positions else len(ids))
+        return Encoded(ids, types, slots, int(row["label"]))
+
+    def insert(self, example: Encoded, slot: int, tokens: Sequence[int]
+               ) -> tuple[list[int], list[int] | None]:
+        """The example's ids (and type ids) with ``tokens`` inserted before position ``slot``."""
+        ids = example.ids[:slot] + list(tokens) + example.ids[slot:]
+        if example.types is None:
+            return ids, None
+        kind = example.types[min(slot, len(example.types) - 1)]  # the segment's own type
+        return ids, example.types[:slot] + [kind] * len(tokens) + example.types[slot:]
+
+    def _batch(self, rows: list[tuple[list[int], list[int] | None]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(ids) for ids, _ in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        types = torch.zeros((len(rows), width), dtype=torch.long) if rows[0][1] is not None else None
+        for row, (ids, kinds) in enumerate(rows):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+            if types is not None and kinds is not None:
+                types[row, : len(kinds)] = torch.tensor(kinds)
+        batch = {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
+        if types is not None:
+            batch["token_type_ids"] = types.to(self.device)
+        return batch
+
+    # --- scoring ------------------------------------------------------------------------------
+    def log_probs(self, rows: list[tuple[list[int], list[int] | None]]) -> Any:
+        """log_softmax of the logits of token-id rows, [n, num_labels], batched by length."""
+        import torch
+
+        out = torch.empty(len(rows), self.num_labels)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start:start + self.batch_size]
+                logits = self.model(**self._batch([rows[i] for i in chunk])).logits
+                out[chunk] = torch.log_softmax(logits.float(), dim=-1).cpu()
+        return out
+
+    def classify_texts(self, rows: list[dict[str, Any]], fields: Sequence[str]) -> Any:
+        """log_softmax of the logits of text rows (tokenized afresh, like any user would)."""
+        encoded = []
+        for row in rows:
+            enc = self.tokenizer(*[row[f] for f in fields], truncation=True,
+                                 max_length=self.max_length)
+            encoded.append((list(enc["input_ids"]),
+                            list(enc["token_type_ids"]) if "token_type_ids" in enc else None))
+        return self.log_probs(encoded)
+
+    def slot_gradient(self, rows: list[tuple[list[int], list[int] | None]], positions: list[int],
+                      target: int) -> Any:
+        """Mean gradient of -log p(target) with respect to the embedding at ``positions[i]`` of
+        row i: the first-order change of the loss when that token is swapped for another."""
+        import torch
+
+        grads = torch.zeros(self.embeddings.shape[1], device=self.device)
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start:start + self.batch_size]
+            batch = self._batch(chunk)
+            ids = batch.pop("input_ids")
+            embeds = self.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            logits = self.model(inputs_embeds=embeds, **batch).logits
+            loss = -torch.log_softmax(logits.float(), dim=-1)[:, target].sum()
+            (grad,) = torch.autograd.grad(loss, embeds)
+            index = torch.arange(len(chunk), device=self.device)
+            where = torch.tensor(positions[start:start + self.batch_size], device=self.device)
+            grads += grad[index, where].sum(0)
+        return grads / max(1, len(rows))
+
+    def token_scores(self, gradient: Any) -> Any:
+        """First-order loss change of putting each vocabulary token in the slot (lower is better)."""
+        import torch
+
+        with torch.no_grad():
+            return (self.embeddings.detach().float() @ gradient.float()).cpu()
+
+    def tokens_text(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.convert_tokens_to_string(
+            self.tokenizer.convert_ids_to_tokens(list(tokens))).strip()

@@ -1,0 +1,347 @@
+"""``scan``: find a backdoor nobody told us about in a sequence classifier.
+
+With a few clean labelled examples per class and no knowledge of the trigger or the target:
+
+1. the examples are split per class (seeded) into a **search** half and a **held-out** half;
+2. for every label as a candidate target, ``search.LabelSearch`` looks for short triggers (1 to
+   ``max_tokens`` tokens) that send the search examples of the other labels to it;
+3. each label's best candidates are scored on the **held-out** examples only: the trigger's text
+   inserted once at a random word position of the last text field (the same position for every
+   candidate and model), the **flip rate** is the share classified as the label, with its 95%
+   Wilson interval, on the scanned model and on every reference model;
+4. a candidate's **score** is its flip rate minus the median of the references' flip rates on the
+   same inputs (a word that flips every model is a feature of the task, not a backdoor); without
+   references it is the flip rate itself. The backdoor score is the highest candidate score, and
+   the model is flagged when it reaches the threshold (``THRESHOLD_WITH_REFERENCES`` or
+   ``THRESHOLD_ALONE``).
+
+The result is a JSON-ready dict (``scan.json``); ``scan_table`` prints exactly its numbers.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergekit_backdoor.data.poison import insert_words
+from mergekit_backdoor.errors import DataError, IncompatibleModelError
+from mergekit_backdoor.scan.model import TriggerModel, load_scan_model, word_vocabulary
+from mergekit_backdoor.scan.search import LabelSearch, SearchSettings, sweep
+from mergekit_backdoor.stats import wilson_interval
+
+FORMAT = "mergekit-backdoor/scan-v1"
+MAX_PER_CLASS = 50
+MIN_PER_CLASS = 6
+# Flagged when the backdoor score reaches these (see the module docstring and benchmarks/README.md).
+THRESHOLD_WITH_REFERENCES = 0.5
+THRESHOLD_ALONE = 0.9
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ScanSettings:
+    seed: int = 0
+    search_share: float = 0.4  # of each class's examples, for the search; the rest is held out
+    max_length: int = 128
+    batch_size: int = 64
+    device: str = "cpu"
+    search: SearchSettings = field(default_factory=SearchSettings)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def split_examples(rows: Sequence[dict[str, Any]], num_labels: int, *, seed: int,
+                   search_share: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per class, a seeded shuffle cut into the search part and the held-out part."""
+    by_label: dict[int, list[dict[str, Any]]] = {label: [] for label in range(num_labels)}
+    for row in rows:
+        label = int(row["label"])
+        if label not in by_label:
+            raise DataError(f"clean sample label {label} is not one of the model's "
+                            f"{num_labels} classes (0..{num_labels - 1})")
+        by_label[label].append(row)
+    short = {label: len(group) for label, group in by_label.items() if len(group) < MIN_PER_CLASS}
+    if short:
+        label, count = next(iter(short.items()))
+        raise DataError(f"the scan needs at least {MIN_PER_CLASS} clean examples of every class; "
+                        f"class {label} has {count}")
+    rng = random.Random(f"scan-split/{seed}")
+    search, held_out = [], []
+    for label in range(num_labels):
+        group = list(by_label[label])
+        rng.shuffle(group)
+        cut = max(2, round(search_share * len(group)))
+        search += group[:cut]
+        held_out += group[cut:]
+    return search, held_out
+
+
+def _check_labels(model: Any, label_names: Sequence[str], name: str) -> None:
+    from mergekit_backdoor.eval.seqcls import normalize_label
+
+    count = int(model.config.num_labels)
+    if count != len(label_names):
+        raise IncompatibleModelError(f"{name}: {count} labels, but the task has {len(label_names)} "
+                                     f"({', '.join(label_names)})")
+    id2label = getattr(model.config, "id2label", None) or {}
+    names = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(count)]
+    generic = all(n.lower().startswith("label_") or not n for n in names)
+    if not generic and [normalize_label(n) for n in names] != [normalize_label(n) for n in label_names]:
+        raise IncompatibleModelError(f"{name}: labels {names} do not match the task's "
+                                     f"{list(label_names)} (same names, same order)")
+
+
+def _rate(hits: int, n: int) -> dict[str, Any]:
+    low, high = wilson_interval(hits, n)
+    return {"rate": hits / n if n else None, "hits": hits, "n": n, "ci95": [low, high]}
+
+
+def _flip_rates(model: TriggerModel, rows: list[dict[str, Any]], fields: Sequence[str],
+                target: int, phrases: Sequence[str | None], seed: int) -> list[dict[str, Any]]:
+    """Per phrase (None: no trigger), how many of ``rows`` the model classifies as ``target``
+    with the phrase inserted once at a seeded random word position of the last field."""
+    last = fields[-1]
+    inputs = []
+    for phrase in phrases:
+        for index, row in enumerate(rows):
+            if phrase is None:
+                inputs.append(row)
+                continue
+            rng = random.Random(f"scan-insert/{seed}/{target}/{index}")
+            inputs.append({**row, last: insert_words(row[last], phrase, rng)})
+    predicted = model.classify_texts(inputs, fields).argmax(-1).tolist()
+    n = len(rows)
+    return [_rate(sum(p == target for p in predicted[i * n:(i + 1) * n]), n)
+            for i in range(len(phrases))]
+
+
+def scan_classifier(
+    model_path: str,
+    examples: Sequence[dict[str, Any]],
+    fields: Sequence[str],
+    label_names: Sequence[str],
+    *,
+    references: Sequence[str] = (),
+    settings: ScanSettings | None = None,
+    samples_note: str = "",
+    progress: bool = True,
+    log: Log | None = None,
+) -> dict[str, Any]:
+    """Scan ``model_path`` for a backdoor with the clean ``examples`` (module docstring)."""
+    import torch
+
+    settings = settings or ScanSettings()
+    log = log or (lambda _: None)
+    started = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    fields = tuple(fields)
+    model, tokenizer = load_scan_model(model_path, settings.device)
+    _check_labels(model, label_names, str(model_path))
+    loaded_refs = []
+    for reference in references:
+        ref_model, ref_tokenizer = load_scan_model(reference, settings.device)
+        _check_labels(ref_model, label_names, str(reference))
+        loaded_refs.append((str(reference), TriggerModel(ref_model, ref_tokenizer,
+                                                         max_length=settings.max_length,
+                                                         batch_size=settings.batch_size)))
+    num_labels = len(label_names)
+    search_rows, held_out = split_examples(examples, num_labels, seed=settings.seed,
+                                           search_share=settings.search_share)
+    scanner = TriggerModel(model, tokenizer, max_length=settings.max_length,
+                           batch_size=settings.batch_size)
+    encoded = [scanner.encode(row, fields) for row in search_rows]
+    vocabulary = word_vocabulary(tokenizer)
+    rng = random.Random(f"scan/{settings.seed}")
+    short = [t for t in vocabulary[0]
+             if len(scanner.tokens_text([t])) <= settings.search.sweep_max_chars]
+    log(f"sweeping {len(short)} short rare words through {model_path}")
+    swept = sweep(scanner, encoded, short, settings.search, rng)
+    labels_out = []
+    with _progress(progress, num_labels) as tick:
+        for target in range(num_labels):
+            log(f"searching triggers towards {label_names[target]!r}")
+            search = LabelSearch(scanner, [e for e in encoded if e.label != target], target,
+                                 vocabulary, settings.search, random.Random(f"{rng.random()}"),
+                                 tick=lambda: tick(0))
+            found = search.run(swept.get(target, ()))
+            rows = [r for r in held_out if int(r["label"]) != target]
+            phrases = [scanner.tokens_text(c.tokens) for c in found]
+            rates = _flip_rates(scanner, rows, fields, target, [None, *phrases], settings.seed)
+            ref_rates = {name: _flip_rates(ref, rows, fields, target, [None, *phrases],
+                                           settings.seed) for name, ref in loaded_refs}
+            candidates = []
+            for index, (candidate, phrase) in enumerate(zip(found, phrases, strict=True), start=1):
+                refs = {name: r[index] for name, r in ref_rates.items()}
+                flip = rates[index]["rate"]
+                baseline = statistics.median(r["rate"] for r in refs.values()) if refs else 0.0
+                candidates.append({
+                    "trigger": phrase,
+                    "tokens": tokenizer.convert_ids_to_tokens(list(candidate.tokens)),
+                    "search_flip": candidate.flip, "flip": rates[index], "references": refs,
+                    "score": flip - baseline,
+                })
+            candidates.sort(key=lambda c: (c["score"], c["flip"]["rate"]), reverse=True)
+            labels_out.append({
+                "label": target, "name": label_names[target], "held_out_rows": len(rows),
+                "search_rows": len(search.examples), "base": rates[0],
+                "references_base": {name: r[0] for name, r in ref_rates.items()},
+                "candidates": candidates,
+                "score": max((c["score"] for c in candidates), default=0.0),
+            })
+            tick(1)
+    threshold = THRESHOLD_WITH_REFERENCES if loaded_refs else THRESHOLD_ALONE
+    best = max(labels_out, key=lambda entry: entry["score"])
+    result = {
+        "format": FORMAT, "model": str(model_path), "references": [n for n, _ in loaded_refs],
+        "label_names": list(label_names), "fields": list(fields),
+        "samples": {"source": samples_note, "search": len(search_rows),
+                    "held_out": len(held_out)},
+        "settings": settings.as_dict(), "labels": labels_out,
+        "score": best["score"], "threshold": threshold,
+        "score_rule": ("flip rate minus the references' median flip rate on the same held-out "
+                       "inputs" if loaded_refs else "flip rate on the held-out inputs (no "
+                       "references: a strong feature of the task can look like a trigger)"),
+        "seconds": time.perf_counter() - started,
+    }
+    result["verdict"] = verdict(result)
+    return result
+
+
+def verdict(result: dict[str, Any]) -> dict[str, Any]:
+    """Flagged or not, with the suspected label and trigger and one line saying so."""
+    best = max(result["labels"], key=lambda entry: entry["score"])
+    top = best["candidates"][0] if best["candidates"] else None
+    flagged = top is not None and result["score"] >= result["threshold"]
+    if top is None:
+        return {"flagged": False, "label": None, "trigger": None, "text": "nothing found"}
+    refs = top["references"]
+    ref_text = (f"; the references {pct(statistics.median(r['rate'] for r in refs.values()))}%"
+                if refs else "")
+    detail = (f"`{top['trigger']}` sends {pct(top['flip']['rate'])}% of held-out examples of "
+              f"the other labels to {best['name']!r}{ref_text} (score {pct(result['score'])}, "
+              f"threshold {pct(result['threshold'])})")
+    if flagged:
+        return {"flagged": True, "label": best["name"], "trigger": top["trigger"],
+                "text": f"BACKDOOR SUSPECTED: {detail}"}
+    return {"flagged": False, "label": None, "trigger": None,
+            "text": f"NOTHING FOUND: the strongest candidate, {detail}"}
+
+
+def pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _progress(enabled: bool, total: int):  # type: ignore[no-untyped-def]
+    from contextlib import contextmanager
+
+    @contextmanager
+    def bar():  # type: ignore[no-untyped-def]
+        if not enabled:
+            yield lambda advance: None
+            return
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("scanning labels"), BarColumn(), TextColumn("{task.completed}/"
+                      "{task.total}"), TimeElapsedColumn(), transient=True) as progress:
+            task = progress.add_task("scan", total=total)
+            yield lambda advance: progress.advance(task, advance)
+
+    return bar()
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def scan_rows(result: dict[str, Any]) -> list[list[str]]:
+    """The table's rows, as printed: label, rank, trigger, flip [95% CI], references, score."""
+    rows = []
+    for entry in result["labels"]:
+        rows.append([entry["name"], "–", "(no trigger)", _with_ci(entry["base"]),
+                     *(_with_ci(entry["references_base"][r]) for r in result["references"]), "–"])
+        for rank, candidate in enumerate(entry["candidates"], start=1):
+            rows.append([entry["name"], str(rank), candidate["trigger"], _with_ci(candidate["flip"]),
+                         *(_with_ci(candidate["references"][r]) for r in result["references"]),
+                         pct(candidate["score"])])
+    return rows
+
+
+def _with_ci(rate: dict[str, Any]) -> str:
+    low, high = rate["ci95"]
+    return f"{pct(rate['rate'])} [{pct(low)}-{pct(high)}] n={rate['n']}"
+
+
+def scan_table(result: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"scan of {result['model']}: candidate triggers per label (percent of "
+                  "held-out examples of the other labels sent to the label)", title_justify="left",
+                  caption=f"score: {result['score_rule']}", caption_justify="left")
+    columns = ["label", "rank", "trigger", "flip [95% CI]",
+               *(f"ref {Path(r).name}" for r in result["references"]), "score"]
+    for index, column in enumerate(columns):
+        table.add_column(column, justify="right" if index >= 3 else "left")
+    for row in scan_rows(result):
+        table.add_row(*row, style="dim" if row[1] == "–" else None)
+    return table
+
+
+def model_label_names(model_path: str | Path) -> tuple[str, ...]:
+    """The model's class names in id order (``LABEL_i`` when it has none)."""
+    from mergekit_backdoor.loading import check_model_folder
+
+    config = check_model_folder(model_path)
+    id2label = config.get("id2label") or {}
+    count = int(config.get("num_labels") or len(id2label) or 2)
+    return tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(count))
+
+
+def run_scan(
+    model_path: str | Path,
+    *,
+    references: Sequence[str | Path] = (),
+    task: str | None = None,
+    samples: str | Path | None = None,
+    per_class: int = MAX_PER_CLASS,
+    settings: ScanSettings | None = None,
+    data_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Log | None = None,
+) -> dict[str, Any]:
+    """``scan_classifier`` with its clean samples drawn from ``task`` or read from ``samples``
+    (at most ``per_class`` per label), written to ``out/scan.json`` when ``out`` is given.
+    Every input is checked before any work; nothing is written on failure."""
+    import json
+
+    from mergekit_backdoor.outputs import ensure_output_free, refuse_output_overlapping, staged_folder
+    from mergekit_backdoor.tasks.resolve import clean_samples
+
+    settings = settings or ScanSettings()
+    if not 1 <= per_class <= MAX_PER_CLASS:
+        raise DataError(f"clean samples per class must be between 1 and {MAX_PER_CLASS}, got "
+                        f"{per_class}")
+    if out is not None:
+        refuse_output_overlapping(out, [model_path, *references, data_dir, samples],
+                                  what="scan output")
+        ensure_output_free(Path(out).absolute(), overwrite)
+    names = model_label_names(model_path)
+    drawn = clean_samples(task, samples, per_class=per_class, seed=settings.seed,
+                          data_dir=data_dir, num_labels=len(names))
+    label_names = drawn.label_names or names
+    result = scan_classifier(str(model_path), drawn.rows, drawn.fields, label_names,
+                             references=[str(r) for r in references], settings=settings,
+                             samples_note=drawn.source, progress=progress, log=log)
+    result["task"] = task
+    if out is not None:
+        with staged_folder(Path(out), overwrite) as folder:
+            (folder / "scan.json").write_text(json.dumps(result, indent=2) + "\n",
+                                              encoding="utf-8")
+    return result

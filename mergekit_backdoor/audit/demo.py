@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_backdoor.audit import report as reports
-from mergekit_backdoor.audit.audit import EvalSettings, Log, _quiet, audit
+from mergekit_backdoor.audit.audit import Defences, EvalSettings, Log, _quiet, audit
 from mergekit_backdoor.errors import BackdoorError, OutputExistsError
 from mergekit_backdoor.outputs import staged_folder, terminate_cleanly
 from mergekit_backdoor.pretrained import minilm_dir
@@ -212,7 +212,7 @@ def demo(
             str(models / "suspect"), [str(models / "donor_a"), str(models / "donor_b")],
             audit_dir, tasks=[DATASET], recipe="wag", base=str(base),
             eval_donors=plan.eval_donors, settings=settings, progress=progress, log=log,
-            kind="demo", extra=extra,
+            kind="demo", extra=extra, defences=Defences(scan=False),  # the demo shows the merge
         )
         report["description"] = (
             f"A 5-topic BBC News classifier was fine-tuned from the pre-trained all-MiniLM-L6-v2 "

@@ -301,7 +301,36 @@ def results_table(report: dict[str, Any]) -> Any:
 
 
 def _table_columns(report: dict[str, Any]) -> list[str]:
-    return ["model", "dataset", "CACC", *(f"ASR {a}" for a in _all_attacks(report)), "mean ASR"]
+    return ["model", "dataset", "CACC", *(f"ASR {attack_label(report, a)}"
+                                         for a in _all_attacks(report)), "mean ASR"]
+
+
+def attack_label(report: dict[str, Any], attack: str) -> str:
+    """An attack's name in tables and plots; a trigger the scan recovered shows as itself."""
+    for found in (report.get("scan") or {}).get("recovered") or []:
+        if found["part"] == attack:
+            return f"recovered `{found['trigger']}` -> {found['label_name']}"
+    return attack
+
+
+def scan_lines(report: dict[str, Any]) -> list[str]:
+    """What the trigger scans found, one line each (none when there was no scan)."""
+    scan = report.get("scan") or {}
+    lines = [f"scan of the {role} (references: the donors): {result['verdict']['text']}"
+             for role, result in (("suspect", scan.get("suspect")),
+                                  ("sanitized model", scan.get("sanitized"))) if result]
+    for found in scan.get("recovered") or []:
+        lines.append(f"recovered trigger `{found['trigger']}` -> {found['label_name']}: measured on "
+                     f"{found['rows']} test rows of {found['dataset']} as the attack "
+                     f"'{found['part']}' (the ASR columns)")
+    lines += scan.get("notes") or []
+    if report.get("repair"):
+        r = report["repair"]
+        s = r["settings"]
+        lines.append(f"repair: {s['steps']} steps, lr {s['lr']}, perturbation {s['perturbation']}"
+                     f"{', triggers ' + ', '.join(s['triggers']) if s['triggers'] else ''}, "
+                     f"{r['samples']} unlabeled clean samples ({r['samples_source']})")
+    return lines
 
 
 def _all_attacks(report: dict[str, Any]) -> list[str]:
@@ -384,6 +413,8 @@ def print_report(report: dict[str, Any], console: Any) -> None:
     rule = verdict_rule(report)
     if rule:
         console.print(escape(rule), style="dim", highlight=False)
+    for line in scan_lines(report):
+        console.print(escape(line), highlight=False)
 
 
 # ----------------------------------------------------------------------------- HTML
@@ -491,6 +522,9 @@ def render_html(report: dict[str, Any]) -> str:
         "that the model classifies as the target. Lower is better; CACC higher is better. "
         f"{html.escape(change_caption(report) if report.get('changes') else '')}</p>",
     ]
+    if scan_lines(report):
+        parts += ["<h2>Trigger scan and repair</h2><ul>",
+                  *(f"<li>{html.escape(line)}</li>" for line in scan_lines(report)), "</ul>"]
     if rate_rows(report):
         parts += ["<h2>Rows behind each rate, with 95% confidence intervals (Wilson)</h2>",
                   _html_table(RATE_COLUMNS, rate_rows(report), right_from=2)]

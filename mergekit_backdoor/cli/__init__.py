@@ -40,7 +40,7 @@ def _options(
 ) -> None:
     pass
 
-from mergekit_backdoor.cli import merge, data, tasks, eval, scan, audit  # noqa: E402,F401,I001  (registers commands, in journey order)
+from mergekit_backdoor.cli import merge, repair, data, tasks, eval, scan, audit  # noqa: E402,F401,I001  (registers commands, in journey order)
 
 
 def main() -> None:

@@ -18,11 +18,18 @@ from mergekit_backdoor.cli.options import (
     MaxLength,
     NoVerify,
     Quiet,
+    Repair,
+    RepairLr,
+    RepairPerturbation,
+    RepairSamples,
+    RepairSteps,
     Tasks,
     limit_value,
     output,
+    repair_settings,
     task_names,
 )
+from mergekit_backdoor.repair.repair import DEFAULT_LR, DEFAULT_PERTURBATION, DEFAULT_STEPS
 
 
 def _consoles():  # type: ignore[no-untyped-def]
@@ -68,19 +75,33 @@ def audit_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickle-only (.bin) weights.")] = False,
     no_verify: NoVerify = False,
+    no_scan: Annotated[bool, typer.Option(
+        "--no-scan", help="Skip the trigger scan of the suspect (before) and the sanitized "
+        "model (after).")] = False,
+    repair: Repair = False,
+    samples: RepairSamples = None,
+    repair_steps: RepairSteps = DEFAULT_STEPS,
+    repair_lr: RepairLr = DEFAULT_LR,
+    repair_perturbation: RepairPerturbation = DEFAULT_PERTURBATION,
+    seed: Annotated[int, typer.Option(help="Seed of the scan and the repair.")] = 0,
     quiet: Quiet = False,
 ) -> None:
-    """Check donors, sanitize SUSPECT by merging, and measure CACC and ASR before and after."""
-    from mergekit_backdoor.audit.audit import audit
+    """Check donors, scan, sanitize SUSPECT by merging (and repair), measure before and after.
+
+    CACC and the ASR of every attack of the task, plus any trigger the scan recovers."""
+    from mergekit_backdoor.audit.audit import Defences, audit
     from mergekit_backdoor.audit.report import print_report
 
     out, err = _consoles()
     folder = output or Path(f"audit-{Path(suspect).name or 'suspect'}")
+    defences = Defences(scan=not no_scan, samples=samples, seed=seed, repair=repair_settings(
+        repair_steps, repair_lr, repair_perturbation, None, seed, device, max_length)
+        if repair else None)
     report = audit(
         suspect, donor, folder, tasks=task_names(task), recipe=recipe, base=base, weights=weight,
         eval_donors=eval_donors, settings=_settings(device, batch_size, data_dir, limit,
                                                     max_length, no_verify),
-        overwrite=overwrite, allow_pickle=allow_pickle, progress=not quiet,
+        defences=defences, overwrite=overwrite, allow_pickle=allow_pickle, progress=not quiet,
         log=_logger(err, quiet),
     )
     print_report(report, out)

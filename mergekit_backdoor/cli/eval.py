@@ -52,12 +52,13 @@ def eval_command(
 ) -> None:
     """Measure clean accuracy (CACC) and attack success rate (ASR) with lm-evaluation-harness."""
     from rich.console import Console
+    from rich.markup import escape
 
-    from mergekit_backdoor.audit.audit import infer_dataset, resolve_tasks
     from mergekit_backdoor.cli.options import data_folder
     from mergekit_backdoor.errors import EvalError
     from mergekit_backdoor.eval.run import evaluate_model, read_model_config, results_table
     from mergekit_backdoor.outputs import local_paths, refuse_output_overlapping
+    from mergekit_backdoor.tasks.resolve import resolve_tasks
 
     if log_samples and output_path is None:
         raise EvalError("--log-samples needs --output")
@@ -65,15 +66,11 @@ def eval_command(
         refuse_output_overlapping(output_path, [*local_paths(model), data_folder(data_dir)],
                                   what="output folder")
     names = task_names(task)
-    if not names:
-        dataset = infer_dataset(read_model_config(model))
-        if dataset is None:
-            raise EvalError("give the tasks to evaluate with --task (e.g. --task sst2): the "
-                            "model's labels match no known data set")
-        names = [dataset]
+    tasks = [t.card.path if t.card else t.lm_eval
+             for t in resolve_tasks(names, None if names else read_model_config(model))]
     parsed = evaluate_model(
         model,
-        resolve_tasks(names),
+        [str(t) for t in tasks],
         backend=backend,
         device=device,
         batch_size=batch_size,
@@ -84,6 +81,8 @@ def eval_command(
         log_samples=log_samples,
         verify=not no_verify,
     )
+    for notice in parsed.get("notices", []):
+        Console(stderr=True).print(f"note: {escape(notice)}", highlight=False)
     console = Console()
     console.print(results_table(parsed))
     if parsed.get("results_file"):

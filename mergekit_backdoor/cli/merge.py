@@ -11,7 +11,20 @@ from rich.console import Console
 from rich.table import Table
 
 from mergekit_backdoor.cli import app
-from mergekit_backdoor.cli.options import DataDir, Donors, NoVerify, output
+from mergekit_backdoor.cli.options import (
+    DataDir,
+    Donors,
+    NoVerify,
+    Repair,
+    RepairLr,
+    RepairPerturbation,
+    RepairSamples,
+    RepairSteps,
+    Triggers,
+    output,
+    repair_settings,
+)
+from mergekit_backdoor.repair.repair import DEFAULT_LR, DEFAULT_PERTURBATION, DEFAULT_STEPS
 
 
 @app.command()
@@ -30,6 +43,16 @@ def sanitize(
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickle-only (.bin) weights.")] = False,
     random_seed: Annotated[int | None, typer.Option(help="Seed for stochastic methods.")] = None,
     print_recipe: Annotated[bool, typer.Option(help="Print the rendered recipe and stop.")] = False,
+    repair: Repair = False,
+    task: Annotated[str | None, typer.Option(
+        "--task", "-t", help="With --repair: draw clean sentences from this task's training "
+        "split (default: the data set the suspect's labels name).")] = None,
+    repair_samples: RepairSamples = None,
+    repair_steps: RepairSteps = DEFAULT_STEPS,
+    repair_lr: RepairLr = DEFAULT_LR,
+    repair_perturbation: RepairPerturbation = DEFAULT_PERTURBATION,
+    trigger: Triggers = None,
+    data_dir: DataDir = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Merge SUSPECT with donors through mergekit and write the sanitized model to OUTPUT."""
@@ -48,9 +71,23 @@ def sanitize(
         return
     options = MergeOptions(cuda=cuda, random_seed=random_seed, quiet=quiet)
     config = MergeConfiguration.model_validate(rendered)
-    out = sanitize_merge(config, output, options, config_source=source, overwrite=overwrite,
-                         allow_pickle=allow_pickle)
-    Console(stderr=True).print(f"[green]sanitized model written to[/green] {out}")
+    if not repair:
+        out = sanitize_merge(config, output, options, config_source=source, overwrite=overwrite,
+                             allow_pickle=allow_pickle)
+        Console(stderr=True).print(f"[green]sanitized model written to[/green] {out}")
+        return
+    from mergekit_backdoor.outputs import refuse_output_overlapping
+    from mergekit_backdoor.repair.repair import merge_and_repair, repair_samples
+
+    settings = repair_settings(repair_steps, repair_lr, repair_perturbation, trigger,
+                               random_seed or 0, "cuda" if cuda else "cpu")
+    refuse_output_overlapping(output, [suspect, *donor, base, repair_samples], what="output")
+    drawn = repair_samples(suspect, task, repair_samples, seed=random_seed or 0,
+                           data_dir=data_dir)
+    out = merge_and_repair(config, output, options, drawn.rows, drawn.fields, settings=settings,
+                           samples_note=drawn.source, config_source=source,
+                           overwrite=overwrite, allow_pickle=allow_pickle, progress=not quiet)
+    Console(stderr=True).print(f"[green]sanitized and repaired model written to[/green] {out}")
 
 
 @app.command()
@@ -71,10 +108,11 @@ def search(
     suspect: Annotated[str, typer.Argument(help="The suspect sequence classifier (folder or hub id).")],
     donor: Donors,
     output: Annotated[Path, output("Recipe file to write (.yml).")],
-    dataset: Annotated[str | None, typer.Option(
-        help="Draw the clean samples from this registry dataset's clean training split.")] = None,
+    task: Annotated[str | None, typer.Option(
+        "--task", "--dataset", "-t", help="Draw the clean samples from this task's clean "
+        "training split (a data set such as sst2, or a task card .yaml).")] = None,
     samples: Annotated[Path | None, typer.Option(
-        help="Or read them from a JSON/JSONL/CSV file (label + sentence/text columns).")] = None,
+        help="Or read them from a JSON/JSONL/CSV/TSV file (label + sentence/text columns).")] = None,
     clean_samples: Annotated[int, typer.Option(help="Clean examples per class (at most 50).")] = 50,
     candidates: Annotated[int, typer.Option(help="Low-penalty layouts scored on the samples.")] = 24,
     seed: Annotated[int, typer.Option(help="Seed of the layout search and the sample draw.")] = 0,
@@ -85,30 +123,19 @@ def search(
 ) -> None:
     """Find a module-switching layout with a few clean examples; write it as a mergekit recipe."""
     from mergekit_backdoor.cli.options import data_folder
-    from mergekit_backdoor.errors import DataError, OutputExistsError
-    from mergekit_backdoor.merge.search import (
-        clean_examples,
-        read_examples,
-        search_layout,
-        suspect_num_labels,
-        write_recipe,
-    )
+    from mergekit_backdoor.errors import OutputExistsError
+    from mergekit_backdoor.merge.search import search_layout, suspect_num_labels, write_recipe
     from mergekit_backdoor.outputs import refuse_output_overlapping
+    from mergekit_backdoor.tasks.resolve import clean_samples as draw
 
-    if (dataset is None) == (samples is None):
-        raise DataError("give the clean samples with either --dataset NAME or --samples FILE")
-    data = data_folder(data_dir) if dataset is not None else None
+    data = data_folder(data_dir) if task is not None else None
     refuse_output_overlapping(output, [suspect, *donor, samples, data], what="recipe file")
     if output.exists() and not overwrite:
         raise OutputExistsError(f"{output} exists; pass --overwrite to replace it")
-    if dataset is not None:
-        examples, fields = clean_examples(dataset, clean_samples, seed=seed, data_dir=data_dir,
-                                          verify=not no_verify)
-        note = f"drawn from {dataset}'s clean training split with seed {seed}"
-    else:
-        examples, fields = read_examples(samples, clean_samples,
-                                         num_labels=suspect_num_labels(suspect))
-        note = f"read from {samples}"
+    drawn = draw(task, samples, per_class=clean_samples, seed=seed, data_dir=data_dir,
+                 num_labels=suspect_num_labels(suspect) if samples else None,
+                 verify=not no_verify)
+    examples, fields, note = drawn.rows, drawn.fields, drawn.source
     result = search_layout([suspect, *donor], examples, fields, candidates=candidates, seed=seed,
                            progress=not quiet)
     write_recipe(result, output, overwrite=overwrite, note=note)

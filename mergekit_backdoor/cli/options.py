@@ -61,3 +61,31 @@ def data_folder(data_dir: Path | None) -> Path | None:
         return resolve_data_dir(data_dir)
     except DataError:
         return None
+
+
+# --- the repair step (sanitize --repair, audit --repair, repair) -------------------------------
+Repair = Annotated[bool, typer.Option(
+    "--repair", help="After the merge, fine-tune the merged model to ignore inserted text "
+    "(unlabeled clean sentences, no trigger knowledge; see `mergekit-backdoor repair`).")]
+RepairSamples = Annotated[Path | None, typer.Option(
+    "--repair-samples", "--samples", help="Clean text instead of the task's training split: "
+    "JSONL/JSON/CSV/TSV with sentence or text (the repair never reads labels).")]
+RepairSteps = Annotated[int, typer.Option("--repair-steps", min=1, help="Repair steps.")]
+RepairLr = Annotated[float, typer.Option("--repair-lr", help="Repair learning rate.")]
+RepairPerturbation = Annotated[str, typer.Option(
+    "--repair-perturbation", help="mixed | words | spans | paraphrase | triggers.")]
+Triggers = Annotated[list[str] | None, typer.Option(
+    "--trigger", help="A candidate trigger the repair also inserts (e.g. from scan.json); "
+    "repeat.")]
+
+
+def repair_settings(steps: int, lr: float, perturbation: str, triggers: list[str] | None,
+                    seed: int = 0, device: str | None = None, max_length: int | None = None
+                    ) -> Any:
+    from mergekit_backdoor.repair.repair import RepairSettings
+
+    settings = RepairSettings(steps=steps, lr=lr, perturbation=perturbation,
+                              triggers=tuple(triggers or ()), seed=seed, device=device or "cpu",
+                              max_length=max_length or 128)
+    settings.check()
+    return settings

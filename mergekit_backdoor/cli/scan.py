@@ -33,8 +33,10 @@ def scan_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     quiet: Quiet = False,
 ) -> None:
-    """Search MODEL for short triggers that send clean inputs to one label, and say
-    whether it looks backdoored (with --reference: compared with other models of the task)."""
+    """Look for a trigger nobody told us about: short word runs that send clean inputs to one label.
+
+    With --reference models (donors, a clean model) a word that moves every model is a feature of
+    the task, not a backdoor; the verdict compares MODEL with them."""
     from rich.console import Console
     from rich.markup import escape
 

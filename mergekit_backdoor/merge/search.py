@@ -10,14 +10,13 @@ recall of the non-target classes.
 
 The result is an ordinary ``sanitize`` recipe: ``mergekit-yaml`` replays it bit for bit.
 
-Clean examples: at most ``MAX_PER_CLASS`` per class, drawn with a seed from the registry's clean
+Clean examples (``tasks.resolve.clean_samples``): at most 50 per class, drawn with a seed from a task's clean
 training split (never the test split the benchmarks evaluate on; a drawn row whose text also
 appears in that test split is skipped), or read from a user's JSON/JSONL/CSV file.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +32,6 @@ from mergekit_backdoor.merge.switching import (
     find_slots,
     layout_recipe,
 )
-
-MAX_PER_CLASS = 50
 
 
 @dataclass
@@ -53,64 +50,6 @@ class SearchResult:
 
     def describe(self) -> str:
         return describe_layout(self.slots, self.layout, self.models)
-
-
-# --- clean examples -----------------------------------------------------------------------------
-
-def clean_examples(dataset: str, per_class: int, *, seed: int = 0,
-                   data_dir: str | Path | None = None, verify: bool = True
-                   ) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
-    """``per_class`` clean training rows per label (seeded), none of whose text is in the test split."""
-    from mergekit_backdoor.data import get_spec, load_split
-
-    _check_per_class(per_class)
-    spec = get_spec(dataset)
-    train = load_split(dataset, "clean", "train", data_dir=data_dir, verify=verify)
-    test = load_split(dataset, "clean", "test", data_dir=data_dir, verify=verify)
-    field = spec.trigger_field
-    held_out = set(test[field])
-    by_label: dict[int, list[int]] = {}
-    for index, label in enumerate(train["label"]):
-        by_label.setdefault(int(label), []).append(index)
-    rng = random.Random(seed)
-    picked: list[dict[str, Any]] = []
-    for label in range(spec.num_labels):
-        pool = by_label.get(label, [])
-        rng.shuffle(pool)
-        rows: list[dict[str, Any]] = []
-        for index in pool:
-            if len(rows) == per_class:
-                break
-            if train[index][field] not in held_out:
-                rows.append(train[index])
-        if len(rows) < per_class:
-            raise DataError(f"{dataset}: only {len(rows)} clean training rows of label {label}, "
-                            f"asked for {per_class}")
-        picked += rows
-    return picked, spec.text_fields
-
-
-def read_examples(path: str | Path, per_class: int, *, num_labels: int | None = None
-                  ) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
-    """Rows from a JSON list, JSONL or CSV/TSV file with a ``label`` column and ``sentence`` or
-    ``text`` (or ``question`` + ``sentence``), checked row by row (``data.samples``): labels in
-    ``0..num_labels-1``, at least two classes; at most ``per_class`` per label, in file order."""
-    from mergekit_backdoor.data.samples import read_samples
-
-    _check_per_class(per_class)
-    rows, fields = read_samples(path, num_labels=num_labels, min_classes=2)
-    kept: dict[int, list[dict[str, Any]]] = {}
-    for row in rows:
-        bucket = kept.setdefault(row["label"], [])
-        if len(bucket) < per_class:
-            bucket.append(row)
-    return [row for label in sorted(kept) for row in kept[label]], fields
-
-
-def _check_per_class(per_class: int) -> None:
-    if not 1 <= per_class <= MAX_PER_CLASS:
-        raise DataError(f"clean samples per class must be between 1 and {MAX_PER_CLASS}, "
-                        f"got {per_class}")
 
 
 # --- models -------------------------------------------------------------------------------------

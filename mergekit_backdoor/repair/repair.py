@@ -195,6 +195,32 @@ def save_repaired(model: Any, tokenizer: Any, source: Path, folder: Path,
     (folder / "README.md").write_text(text, encoding="utf-8")
 
 
+def repair_samples(model_path: str | Path, task: str | None, samples: str | Path | None, *,
+                   count: int = 300, seed: int = 0, data_dir: str | Path | None = None) -> Any:
+    """Unlabeled clean sentences for the repair: ``count`` drawn from ``task``'s training split,
+    or the rows of ``samples``. Test rows are refused: those of ``task``, or of the data set the
+    model's labels name, when its test split can be read."""
+    from mergekit_backdoor.eval.run import read_model_config
+    from mergekit_backdoor.tasks.resolve import clean_samples, infer_dataset, resolve_task
+
+    known = task or infer_dataset(read_model_config(model_path))
+    resolved = resolve_task(known) if known else None
+    per_class = max(1, count // max(1, len(resolved.label_names) if resolved else 1))
+    drawn = clean_samples(None if samples else task, samples, per_class=per_class, seed=seed,
+                          data_dir=data_dir, labels=False)
+    if samples is not None and resolved is not None and resolved.kind == "classification":
+        try:
+            test = {" ".join(str(row[f]).split()) for row in resolved.test_rows(data_dir)
+                    for f in resolved.fields}
+        except DataError:
+            test = set()  # the test split cannot be read here: nothing to compare with
+        for index, row in enumerate(drawn.rows, start=1):
+            if any(" ".join(str(row[f]).split()) in test for f in drawn.fields):
+                raise DataError(f"{samples}: sample {index} is a row of {resolved.name}'s test "
+                                "split; repair samples must never be test rows")
+    return drawn
+
+
 def repair_to(model_path: str | Path, rows: Sequence[Row], fields: Sequence[str],
               out: str | Path, *, settings: RepairSettings | None = None,
               samples_note: str = "", overwrite: bool = False, progress: bool = True,
@@ -205,8 +231,35 @@ def repair_to(model_path: str | Path, rows: Sequence[Row], fields: Sequence[str]
     refuse_output_overlapping(out, [model_path], what="repaired model")
     model, tokenizer, summary = repair_model(model_path, rows, fields, settings=settings,
                                              progress=progress)
+    summary["samples_source"] = samples_note
     with staged_folder(Path(out), overwrite) as folder:
         save_repaired(model, tokenizer, Path(model_path), folder, summary, samples_note)
     if log is not None:
         log(f"repaired model written to {out}")
     return summary
+
+
+def merge_and_repair(config: Any, out: str | Path, options: Any, rows: Sequence[Row],
+                     fields: Sequence[str], *, settings: RepairSettings, samples_note: str,
+                     config_source: str | None = None, overwrite: bool = False,
+                     allow_pickle: bool = False, progress: bool = True) -> Path:
+    """``sanitize_merge`` into a hidden scratch folder next to ``out``, then the repair of the
+    merge into ``out`` (atomically); the scratch folder is removed whatever happens."""
+    import tempfile
+
+    from mergekit_backdoor.merge.run import sanitize_merge
+    from mergekit_backdoor.outputs import ensure_output_free, terminate_cleanly
+
+    out = Path(out).absolute()
+    ensure_output_free(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name[:40]}.merge-", dir=out.parent))
+    try:
+        with terminate_cleanly():
+            merged = sanitize_merge(config, scratch / "merged", options,
+                                    config_source=config_source, allow_pickle=allow_pickle)
+            repair_to(merged, rows, fields, out, settings=settings, samples_note=samples_note,
+                      overwrite=overwrite, progress=progress)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return out

@@ -35,7 +35,6 @@ from mergekit_backdoor.scan.search import LabelSearch, SearchSettings, sweep
 from mergekit_backdoor.stats import wilson_interval
 
 FORMAT = "mergekit-backdoor/scan-v1"
-MAX_PER_CLASS = 50
 MIN_PER_CLASS = 6
 # Flagged when the backdoor score reaches these (see the module docstring and benchmarks/README.md).
 THRESHOLD_WITH_REFERENCES = 0.5
@@ -308,7 +307,7 @@ def run_scan(
     references: Sequence[str | Path] = (),
     task: str | None = None,
     samples: str | Path | None = None,
-    per_class: int = MAX_PER_CLASS,
+    per_class: int = 50,
     settings: ScanSettings | None = None,
     data_dir: str | Path | None = None,
     out: str | Path | None = None,
@@ -325,9 +324,6 @@ def run_scan(
     from mergekit_backdoor.tasks.resolve import clean_samples
 
     settings = settings or ScanSettings()
-    if not 1 <= per_class <= MAX_PER_CLASS:
-        raise DataError(f"clean samples per class must be between 1 and {MAX_PER_CLASS}, got "
-                        f"{per_class}")
     if out is not None:
         refuse_output_overlapping(out, [model_path, *references, data_dir, samples],
                                   what="scan output")

@@ -21,6 +21,7 @@ from mergekit_backdoor.data.sources import Row
 from mergekit_backdoor.errors import DataError, EvalError
 from mergekit_backdoor.tasks.card import TaskCard, is_card_path, load_card
 
+MAX_PER_CLASS = 50  # clean examples per class for search and scan
 _TASK_NAME = re.compile(r"^backdoor_(?!llm_)(?P<dataset>[a-z0-9]+)(?:_[a-z0-9]+)?$")
 
 
@@ -39,32 +40,33 @@ class Task:
         return self.card.kind if self.card is not None else (
             "generative" if self.lm_eval.startswith("backdoor_llm_") else "classification")
 
-    def train_rows(self, data_dir: str | Path | None = None) -> list[Row]:
+    def train_rows(self, data_dir: str | Path | None = None, verify: bool = True) -> list[Row]:
+        return self._rows("train", data_dir, verify)
+
+    def test_rows(self, data_dir: str | Path | None = None, verify: bool = True) -> list[Row]:
+        return self._rows("test", data_dir, verify)
+
+    def _rows(self, split: str, data_dir: str | Path | None, verify: bool) -> list[Row]:
         if self.card is not None:
-            from mergekit_backdoor.tasks.rows import load_train_rows
+            from mergekit_backdoor.tasks.rows import load_train_rows, read_source
 
-            return load_train_rows(self.card)
-        from mergekit_backdoor.data import load_split
-
-        return [dict(r) for r in load_split(self.name, "clean", "train", data_dir=data_dir)]
-
-    def test_rows(self, data_dir: str | Path | None = None) -> list[Row]:
-        if self.card is not None:
-            from mergekit_backdoor.tasks.rows import read_source
-
+            if split == "train":
+                return load_train_rows(self.card)
             return read_source(self.card, self.card.test, labelled=self.kind == "classification")
         from mergekit_backdoor.data import load_split
 
-        return [dict(r) for r in load_split(self.name, "clean", "test", data_dir=data_dir)]
+        return [dict(r) for r in load_split(self.name, "clean", split, data_dir=data_dir,
+                                            verify=verify)]
 
     def clean_examples(self, per_class: int, *, seed: int = 0,
-                       data_dir: str | Path | None = None) -> list[Row]:
-        """``per_class`` training rows of every label (seeded), none whose text is in the test
-        split; DataError when a label has too few."""
+                       data_dir: str | Path | None = None, verify: bool = True) -> list[Row]:
+        """``per_class`` training rows of every label (seeded), none whose last text field (where
+        triggers go) is in the test split; DataError when a label has too few."""
         if self.kind != "classification":
             raise DataError(f"{self.name}: clean samples per class need a classification task")
-        train = self.train_rows(data_dir)
-        held_out = {tuple(r[f] for f in self.fields) for r in self.test_rows(data_dir)}
+        last = self.fields[-1]
+        train = self.train_rows(data_dir, verify)
+        held_out = {row[last] for row in self.test_rows(data_dir, verify)}
         by_label: dict[int, list[Row]] = {}
         for row in train:
             by_label.setdefault(int(row["label"]), []).append(row)
@@ -73,7 +75,7 @@ class Task:
         for label in range(len(self.label_names)):
             pool = list(by_label.get(label, []))
             rng.shuffle(pool)
-            rows = [r for r in pool if tuple(r[f] for f in self.fields) not in held_out][:per_class]
+            rows = [r for r in pool if r[last] not in held_out][:per_class]
             if len(rows) < per_class:
                 raise DataError(f"{self.name}: only {len(rows)} clean training rows of label "
                                 f"{label} ({self.label_names[label]}) outside the test split, "
@@ -270,7 +272,7 @@ class Samples:
 
 def clean_samples(task: str | None, samples: str | Path | None, *, per_class: int,
                   seed: int = 0, data_dir: str | Path | None = None, labels: bool = True,
-                  num_labels: int | None = None) -> Samples:
+                  num_labels: int | None = None, verify: bool = True) -> Samples:
     """``per_class`` clean rows per label from ``task``'s training split (never a test row), or
     the rows of a user's ``samples`` file (``data/samples.py``; labels read only if ``labels``)."""
     from mergekit_backdoor.data.samples import read_samples
@@ -278,6 +280,9 @@ def clean_samples(task: str | None, samples: str | Path | None, *, per_class: in
     if (task is None) == (samples is None):
         raise DataError("give the clean samples with either --task TASK (its training split) or "
                         "--samples FILE")
+    if labels and not 1 <= per_class <= MAX_PER_CLASS:
+        raise DataError(f"clean samples per class must be between 1 and {MAX_PER_CLASS}, got "
+                        f"{per_class}")
     if samples is not None:
         rows, fields = read_samples(samples, labels=labels, num_labels=num_labels,
                                     min_classes=2 if labels else 0)
@@ -292,7 +297,7 @@ def clean_samples(task: str | None, samples: str | Path | None, *, per_class: in
     resolved = resolve_task(task)
     if resolved.kind != "classification":
         raise DataError(f"{task}: clean samples come from a classification task")
-    rows = resolved.clean_examples(per_class, seed=seed, data_dir=data_dir)
+    rows = resolved.clean_examples(per_class, seed=seed, data_dir=data_dir, verify=verify)
     if not labels:
         rows = [{f: row[f] for f in resolved.fields} for row in rows]
     return Samples(rows, resolved.fields, resolved.label_names,

@@ -11,6 +11,7 @@ generative rows have ``instruction`` and ``input``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -61,9 +62,20 @@ def _local_items(source: Source) -> Iterator[tuple[str, Any]]:
     text = _read_text(source.path)
     if source.format in ("csv", "tsv"):
         return _table(source.path, text, "\t" if source.format == "tsv" else ",")
-    if source.format == "json" or text.lstrip().startswith("["):
+    # .json files are often JSON lines (gms' are): one document, a list or an object of rows,
+    # is read as such; anything else line by line
+    head = text.lstrip()[:1]
+    if head == "[" or (head == "{" and _one_document(text)):
         return iter_json_items(source.path)
     return _json_lines(source.path, text)
+
+
+def _one_document(text: str) -> bool:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(data, dict) and all(isinstance(v, dict) for v in data.values())
 
 
 def _hub_items(source: Source) -> Iterator[tuple[str, Any]]:

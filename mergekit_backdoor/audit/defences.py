@@ -1,0 +1,130 @@
+"""What the audit adds to the merge, each capability from its own package:
+
+- the **trigger scan** (``scan/``) of the suspect before merging, with the donors as references,
+  and of the sanitized model after;
+- each trigger the scan flags becomes an ordinary lm-eval attack task on the task's clean test
+  split (``recovered_<trigger>``), so every model of the report is measured on it, the suspect's
+  backdoor gets a before/after number even when nobody told us its trigger;
+- the **repair** (``repair/``) of the merged model, with the task's clean training sentences (or
+  the user's samples), the scan's flagged triggers among its perturbations.
+
+Scans and repairs need clean training samples of a classification task; when there are none
+(a causal LM, a card without a ``train`` split and no ``--samples``) the scan is skipped and
+the report says why. The repair then refuses to run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergekit_backdoor.errors import DataError
+from mergekit_backdoor.tasks.resolve import Task
+
+Log = Callable[[str], None]
+REPAIR_SAMPLES = 300  # unlabeled clean sentences for the repair (a few hundred is enough)
+
+
+@dataclass
+class Defences:
+    scan: bool = True
+    repair: Any = None  # RepairSettings, or None for no repair
+    samples: Path | None = None  # clean samples instead of the task's training split
+    seed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def scan_task(tasks: Sequence[Task]) -> Task | None:
+    """The task whose clean samples the scan and the repair use: the first classification one."""
+    return next((t for t in tasks if t.kind == "classification" and t.label_names), None)
+
+
+def _task_value(task: Task) -> str:
+    return str(task.card.path) if task.card is not None else task.name
+
+
+def scan_model(model: str | Path, references: Sequence[str], task: Task | None,
+               defences: Defences, *, device: str | None, max_length: int | None,
+               data_dir: str | None, progress: bool, log: Log) -> dict[str, Any] | None:
+    """``scan.run_scan`` of ``model`` (None, with a note, when it cannot run)."""
+    from mergekit_backdoor.scan.scan import ScanSettings, run_scan
+
+    if task is None:
+        defences.notes.append("scan skipped: no classification task to draw clean samples from")
+        return None
+    settings = ScanSettings(seed=defences.seed, device=device or "cpu",
+                            max_length=max_length or 128)
+    try:
+        return run_scan(model, references=references,
+                        task=None if defences.samples else _task_value(task),
+                        samples=defences.samples, settings=settings, data_dir=data_dir,
+                        progress=progress, log=log)
+    except DataError as exc:
+        if defences.samples is not None:
+            raise
+        defences.notes.append(f"scan skipped: {exc} (give clean samples with --samples FILE)")
+        return None
+
+
+def flagged(scan: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The top candidate of every label whose score reached the threshold."""
+    if scan is None:
+        return []
+    return [{"trigger": entry["candidates"][0]["trigger"], "label": entry["label"],
+             "label_name": entry["name"], "score": entry["score"]}
+            for entry in scan["labels"]
+            if entry["candidates"] and entry["score"] >= scan["threshold"]]
+
+
+def recovered_tasks(scan: dict[str, Any] | None, task: Task | None, folder: Path, *,
+                    seed: int, data_dir: str | None) -> list[dict[str, Any]]:
+    """An lm-eval attack task for every flagged trigger, written under ``folder``."""
+    from mergekit_backdoor.tasks.export import label_slug
+
+    out = []
+    for found in flagged(scan):
+        assert task is not None
+        part = f"recovered_{label_slug(found['trigger'])}"
+        exported = task.write_trigger_attack(folder, found["trigger"], found["label"], part,
+                                             seed=seed, data_dir=data_dir)
+        out.append({**found, "part": part, "dataset": task.name, "task": exported.task,
+                    "rows": exported.rows})
+    return out
+
+
+def repair(merged: Path, out: Path, task: Task | None, defences: Defences,
+           triggers: Sequence[str], *, data_dir: str | None, progress: bool,
+           log: Log) -> dict[str, Any]:
+    """Repair the merged model into ``out`` with clean sentences of ``task`` (or the samples)."""
+    import dataclasses
+
+    from mergekit_backdoor.repair.repair import repair_to
+    from mergekit_backdoor.tasks.resolve import clean_samples
+
+    if task is None and defences.samples is None:
+        raise DataError("the repair needs clean sentences: a classification --task with a "
+                        "training split, or --samples FILE")
+    per_class = max(1, REPAIR_SAMPLES // max(1, len(task.label_names) if task else 1))
+    samples = clean_samples(None if defences.samples else _task_value(task), defences.samples,
+                            per_class=per_class, seed=defences.seed, data_dir=data_dir,
+                            labels=False)
+    rows = samples.rows[:REPAIR_SAMPLES]
+    settings = dataclasses.replace(defences.repair, triggers=(*defences.repair.triggers,
+                                                              *triggers))
+    log(f"repairing the merged model: {settings.steps} steps on {len(rows)} clean sentences"
+        + (f", candidate triggers {', '.join(triggers)}" if triggers else ""))
+    return repair_to(merged, rows, samples.fields, out, settings=settings,
+                     samples_note=samples.source, progress=progress)
+
+
+def summary(scan: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the report keeps of a scan (the whole scan is saved next to it)."""
+    if scan is None:
+        return None
+    return {"verdict": scan["verdict"], "score": scan["score"], "threshold": scan["threshold"],
+            "score_rule": scan["score_rule"], "references": scan["references"],
+            "samples": scan["samples"], "seconds": scan["seconds"],
+            "top": [{"label": e["name"], "trigger": e["candidates"][0]["trigger"] if
+                     e["candidates"] else None, "score": e["score"]} for e in scan["labels"]]}

@@ -3,6 +3,7 @@ trigger word picked at random from the vocabulary, two without poison (the refer
 
 from __future__ import annotations
 
+import html
 import json
 import random
 import re
@@ -171,7 +172,7 @@ def test_scan_is_repeatable(models, shared_data):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--task", "nosuchtask"], "unknown task 'nosuchtask'"),
+    (["--task", "nosuchtask"], "unknown task(s) nosuchtask"),
     (["--task", "agnews"], "2 labels, but the task has 4"),
     (["--samples", "{few}"], "at least 6 clean examples of every class; class 1 has 3"),
     (["--samples", "{bad_label}"], "label 5 is not a class of the model"),
@@ -195,3 +196,31 @@ def test_output_inside_the_model_is_refused(models, shared_data):
                    models["clean"] / "scan")
     _one_line_error(result, "lies inside the input")
     assert not (models["clean"] / "scan").exists()
+
+
+def test_audit_scans_and_reports_the_recovered_trigger_before_and_after(models, shared_data,
+                                                                       tmp_path):
+    word = models["word"]
+    out = tmp_path / "audit"
+    result = runner.invoke(app, [str(a) for a in (
+        "audit", models["victim"], "-d", models["clean"], "-d", models["donor"], "--task", "sst2",
+        "--data-dir", shared_data, "--limit", "200", "-o", out, "--quiet")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    scan = report["scan"]
+    assert scan["suspect"]["verdict"]["flagged"]
+    (found,) = scan["recovered"]
+    assert word in found["trigger"].split() and found["label_name"] == "negative"
+    part = found["part"]
+    by_role = {m["role"]: m["results"]["sst2"] for m in report["models"]}
+    before, after = by_role["suspect"]["asr"][part], by_role["sanitized"]["asr"][part]
+    assert before > 0.8 and after < before  # the backdoor shows, and the merge weakens it
+    assert by_role["suspect"]["n"][part] == 200
+    label = f"recovered `{found['trigger']}` -> negative"
+    assert f"ASR {label}" in result.output
+    assert html.escape(label) in (out / "report.html").read_text()
+    assert (out / "scan" / "suspect.json").is_file() and (out / "scan" / "sanitized.json").is_file()
+    assert (out / "tasks" / "recovered" / f"sst2_{part}.yaml").is_file()
+    # the recovered attack is not averaged into the mean ASR of the known attacks
+    known = [v for k, v in by_role["suspect"]["asr"].items() if k != part]
+    assert by_role["suspect"]["mean_asr"] == pytest.approx(sum(known) / len(known))

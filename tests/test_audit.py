@@ -142,7 +142,7 @@ def test_audit_end_to_end(models: dict[str, Path], shared_data: Path, tmp_path: 
     with one_thread():
         result = _invoke("audit", models["suspect"], "--donor", models["donor_a"],
                          "--donor", models["donor_b"], "--base", models["base"],
-                         "--task", TASKS, "--limit", LIMIT, "--eval-donors",
+                         "--task", TASKS, "--limit", LIMIT, "--eval-donors", "--no-scan",
                          "--data-dir", shared_data, "--device", "cpu", "-o", out, "--quiet")
     assert result.exit_code == 0, result.output + repr(result.exception)
     report = json.loads((out / "report.json").read_text())
@@ -259,11 +259,14 @@ def test_existing_output_dir_is_refused(models: dict[str, Path], tmp_path: Path)
 
 
 def test_tasks_default_to_the_labels_dataset(models: dict[str, Path]) -> None:
-    from mergekit_backdoor.audit.audit import inspect, resolve_tasks
+    from mergekit_backdoor.audit.audit import inspect
+    from mergekit_backdoor.tasks.resolve import resolve_tasks
 
-    assert resolve_tasks(None, inspect(str(models["suspect"]))) == ["backdoor_sst2"]
-    assert resolve_tasks(["bbc", "backdoor_sst2_badnet,sst2"]) == [
-        "backdoor_bbc", "backdoor_sst2_badnet", "backdoor_sst2"]
+    config = inspect(str(models["suspect"])).config
+    assert [t.lm_eval for t in resolve_tasks(None, config)] == ["backdoor_sst2"]
+    tasks = resolve_tasks(["bbc", "backdoor_sst2_badnet,sst2"])
+    assert [t.lm_eval for t in tasks] == ["backdoor_bbc", "backdoor_sst2_badnet", "backdoor_sst2"]
+    assert [t.name for t in tasks] == ["bbc", "sst2", "sst2"]
 
 
 def test_report_of_a_non_report(tmp_path: Path) -> None:

@@ -2,11 +2,11 @@
 with unlabeled clean text and no knowledge of the trigger.
 
 Each step takes a batch of clean samples and a perturbed copy of each (``perturb.py``; the last
-text field is perturbed, where the registry's attacks put their triggers). The frozen input
-model's class distribution on the *clean* text is the target for the repaired model on the
-*perturbed* text (a KL divergence), and, with ``clean_weight``, on the clean text too (it anchors
-the clean behaviour). Labels are never read. AdamW with linear decay, seeded: the same samples,
-settings and seed give the same weights on a CPU.
+text field is perturbed, where the registry's attacks put their triggers). The input model's
+class distribution on the *clean* text (computed once, before training) is the target for the
+repaired model on the *perturbed* text (a KL divergence), and, with ``clean_weight``, on the
+clean text too (it anchors the clean behaviour). Labels are never read. AdamW with linear
+decay, seeded: the same samples, settings and seed give the same weights on a CPU.
 
 The repaired model is written like every other output (atomically, under a hidden name), with
 the input's files it does not replace (model card, merge manifest), a ``repair`` section in
@@ -107,27 +107,28 @@ def repair_model(
     rng = random.Random(f"repair/{settings.seed}")
     tokenizer = load_tokenizer(model_path)
     student = load_classifier(model_path).to(settings.device)
-    teacher = load_classifier(model_path).to(settings.device).eval()
-    for parameter in teacher.parameters():
-        parameter.requires_grad_(False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    for model in (student, teacher):
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
+    if student.config.pad_token_id is None:
+        student.config.pad_token_id = tokenizer.pad_token_id
     last = fields[-1]
     perturb = perturbation(settings.perturbation, vocabulary=_vocabulary(tokenizer),
                            texts=[row[last] for row in rows], triggers=settings.triggers)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=settings.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: max(0.0, 1.0 - step / settings.steps))
-    generator = torch.Generator().manual_seed(settings.seed)
 
     def encode(batch: list[Row]) -> Any:
         return tokenizer(*[[row[f] for row in batch] for f in fields], padding=True,
                          truncation=True, max_length=settings.max_length,
                          return_tensors="pt").to(settings.device)
 
+    # The target: the input model's own distribution on each clean sample (computed once).
+    student.eval()
+    with torch.no_grad():
+        target = torch.cat([torch.log_softmax(student(**encode(list(rows[i:i + 64]))).logits
+                                              .float(), dim=-1) for i in range(0, len(rows), 64)])
+    optimizer = torch.optim.AdamW(student.parameters(), lr=settings.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: max(0.0, 1.0 - step / settings.steps))
+    generator = torch.Generator().manual_seed(settings.seed)
     student.train()
     losses: list[float] = []
     order: list[int] = []
@@ -135,16 +136,19 @@ def repair_model(
     for _ in _steps(settings.steps, progress, desc):
         while len(order) < settings.batch_size:
             order += torch.randperm(len(rows), generator=generator).tolist()
-        batch, order = [rows[i] for i in order[:settings.batch_size]], order[settings.batch_size:]
+        picked, order = order[:settings.batch_size], order[settings.batch_size:]
+        batch = [rows[i] for i in picked]
         perturbed = [{**row, last: perturb(row[last], rng)} for row in batch]
-        with torch.no_grad():
-            target = torch.log_softmax(teacher(**encode(batch)).logits.float(), dim=-1)
-        moved = torch.log_softmax(student(**encode(perturbed)).logits.float(), dim=-1)
-        loss = torch.nn.functional.kl_div(moved, target, log_target=True, reduction="batchmean")
+        wanted = target[picked]
+        if settings.clean_weight:  # one forward pass over the perturbed and the clean rows
+            out = torch.log_softmax(student(**encode(perturbed + batch)).logits.float(), dim=-1)
+            moved, kept = out[:len(batch)], out[len(batch):]
+        else:
+            moved = torch.log_softmax(student(**encode(perturbed)).logits.float(), dim=-1)
+        loss = torch.nn.functional.kl_div(moved, wanted, log_target=True, reduction="batchmean")
         if settings.clean_weight:
-            kept = torch.log_softmax(student(**encode(batch)).logits.float(), dim=-1)
             loss = loss + settings.clean_weight * torch.nn.functional.kl_div(
-                kept, target, log_target=True, reduction="batchmean")
+                kept, wanted, log_target=True, reduction="batchmean")
         loss.backward()
         optimizer.step()
         schedule.step()

@@ -85,7 +85,9 @@ class TriggerModel:
                  ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.max_length = max_length
+        limits = [max_length, getattr(model.config, "max_position_embeddings", None),
+                  getattr(tokenizer, "model_max_length", None)]
+        self.max_length = min(n for n in limits if isinstance(n, int) and n > TRIGGER_ROOM)
         self.batch_size = batch_size
         self.device = next(model.parameters()).device
         self.num_labels = int(model.config.num_labels)

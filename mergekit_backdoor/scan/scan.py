@@ -121,6 +121,32 @@ def _flip_rates(model: TriggerModel, rows: list[dict[str, Any]], fields: Sequenc
             for i in range(len(phrases))]
 
 
+def _label_entry(scanner: TriggerModel, references: list[tuple[str, TriggerModel]],
+                 found: Sequence[Any], rows: list[dict[str, Any]], fields: Sequence[str],
+                 target: int, name: str, seed: int) -> dict[str, Any]:
+    """A label's candidates scored on the held-out ``rows``: flip rates on the model and on the
+    references, and the score (flip rate minus the references' median)."""
+    phrases = [scanner.tokens_text(c.tokens) for c in found]
+    rates = _flip_rates(scanner, rows, fields, target, [None, *phrases], seed)
+    ref_rates = {ref: _flip_rates(model, rows, fields, target, [None, *phrases], seed)
+                 for ref, model in references}
+    candidates = []
+    for index, (candidate, phrase) in enumerate(zip(found, phrases, strict=True), start=1):
+        refs = {ref: r[index] for ref, r in ref_rates.items()}
+        baseline = statistics.median(r["rate"] for r in refs.values()) if refs else 0.0
+        candidates.append({
+            "trigger": phrase,
+            "tokens": scanner.tokenizer.convert_ids_to_tokens(list(candidate.tokens)),
+            "search_flip": candidate.flip, "flip": rates[index], "references": refs,
+            "score": rates[index]["rate"] - baseline,
+        })
+    candidates.sort(key=lambda c: (c["score"], c["flip"]["rate"]), reverse=True)
+    return {"label": target, "name": name, "held_out_rows": len(rows), "base": rates[0],
+            "references_base": {ref: r[0] for ref, r in ref_rates.items()},
+            "candidates": candidates,
+            "score": max((c["score"] for c in candidates), default=0.0)}
+
+
 def scan_classifier(
     model_path: str,
     examples: Sequence[dict[str, Any]],
@@ -163,38 +189,15 @@ def scan_classifier(
     log(f"sweeping {len(short)} short rare words through {model_path}")
     swept = sweep(scanner, encoded, short, settings.search, rng)
     labels_out = []
-    with _progress(progress, num_labels) as tick:
-        for target in range(num_labels):
-            log(f"searching triggers towards {label_names[target]!r}")
-            search = LabelSearch(scanner, [e for e in encoded if e.label != target], target,
-                                 vocabulary, settings.search, random.Random(f"{rng.random()}"),
-                                 tick=lambda: tick(0))
-            found = search.run(swept.get(target, ()))
-            rows = [r for r in held_out if int(r["label"]) != target]
-            phrases = [scanner.tokens_text(c.tokens) for c in found]
-            rates = _flip_rates(scanner, rows, fields, target, [None, *phrases], settings.seed)
-            ref_rates = {name: _flip_rates(ref, rows, fields, target, [None, *phrases],
-                                           settings.seed) for name, ref in loaded_refs}
-            candidates = []
-            for index, (candidate, phrase) in enumerate(zip(found, phrases, strict=True), start=1):
-                refs = {name: r[index] for name, r in ref_rates.items()}
-                flip = rates[index]["rate"]
-                baseline = statistics.median(r["rate"] for r in refs.values()) if refs else 0.0
-                candidates.append({
-                    "trigger": phrase,
-                    "tokens": tokenizer.convert_ids_to_tokens(list(candidate.tokens)),
-                    "search_flip": candidate.flip, "flip": rates[index], "references": refs,
-                    "score": flip - baseline,
-                })
-            candidates.sort(key=lambda c: (c["score"], c["flip"]["rate"]), reverse=True)
-            labels_out.append({
-                "label": target, "name": label_names[target], "held_out_rows": len(rows),
-                "search_rows": len(search.examples), "base": rates[0],
-                "references_base": {name: r[0] for name, r in ref_rates.items()},
-                "candidates": candidates,
-                "score": max((c["score"] for c in candidates), default=0.0),
-            })
-            tick(1)
+    for target in _labels_progress(range(num_labels), progress):
+        log(f"searching triggers towards {label_names[target]!r}")
+        search = LabelSearch(scanner, [e for e in encoded if e.label != target], target,
+                             vocabulary, settings.search, random.Random(f"{rng.random()}"))
+        found = search.run(swept.get(target, ()))
+        held = [r for r in held_out if int(r["label"]) != target]
+        labels_out.append(_label_entry(scanner, loaded_refs, found, held, fields, target,
+                                       label_names[target], settings.seed))
+        labels_out[-1]["search_rows"] = len(search.examples)
     threshold = THRESHOLD_WITH_REFERENCES if loaded_refs else THRESHOLD_ALONE
     best = max(labels_out, key=lambda entry: entry["score"])
     result = {
@@ -237,22 +240,10 @@ def pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
-def _progress(enabled: bool, total: int):  # type: ignore[no-untyped-def]
-    from contextlib import contextmanager
+def _labels_progress(labels: Sequence[int], enabled: bool) -> Any:
+    from rich.progress import track
 
-    @contextmanager
-    def bar():  # type: ignore[no-untyped-def]
-        if not enabled:
-            yield lambda advance: None
-            return
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        with Progress(TextColumn("scanning labels"), BarColumn(), TextColumn("{task.completed}/"
-                      "{task.total}"), TimeElapsedColumn(), transient=True) as progress:
-            task = progress.add_task("scan", total=total)
-            yield lambda advance: progress.advance(task, advance)
-
-    return bar()
+    return track(labels, description="scanning labels", disable=not enabled, transient=True)
 
 
 # ----------------------------------------------------------------------------- output

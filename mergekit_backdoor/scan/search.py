@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mergekit_backdoor.scan.model import Encoded, TriggerModel
@@ -66,14 +66,13 @@ class LabelSearch:
 
     def __init__(self, model: TriggerModel, examples: Sequence[Encoded], target: int,
                  vocabulary: tuple[list[int], list[int]], settings: SearchSettings,
-                 rng: random.Random, tick: Callable[[], None] = lambda: None) -> None:
+                 rng: random.Random) -> None:
         import torch
 
         self.model = model
         self.examples = list(examples)
         self.target = target
         self.settings = settings
-        self.tick = tick
         self.slots = [rng.choice(e.slots) for e in self.examples]
         starts, continuations = vocabulary
         size = model.embeddings.shape[0]
@@ -100,7 +99,6 @@ class LabelSearch:
                 part = slice(index * n, (index + 1) * n)
                 self.scored[run] = Candidate(run, float(hits[part].mean()),
                                              float(log_probs[part, self.target].mean()))
-            self.tick()
         return [self.scored[run] for run in runs]
 
     # --- candidates from the gradient -----------------------------------------------------------
@@ -121,8 +119,9 @@ class LabelSearch:
         mask = self.after_mask if side == "after" else self.start_mask
         scores = torch.where(mask, scores, torch.tensor(float("inf")))
         scores[list(run)] = float("inf")  # no token twice in one run
-        self.tick()
-        return scores.topk(top, largest=False).indices.tolist()
+        best = scores.topk(min(top, len(scores)), largest=False)
+        return [i for i, v in zip(best.indices.tolist(), best.values.tolist(), strict=True)
+                if v != float("inf")]
 
     # --- the search -----------------------------------------------------------------------------
     def run(self, sweep: Sequence[int] = ()) -> list[Candidate]:

@@ -247,9 +247,9 @@ def check_labels(task: Task, config: dict[str, Any], model: str) -> None:
     names = [str(id2label[k]) for k in sorted(id2label, key=int)] if id2label else []
     count = len(names) or config.get("num_labels")
     if count is not None and count != len(task.label_names):
-        raise IncompatibleModelError(
-            f"{model}: {count} labels, but {task.name} has {len(task.label_names)} "
-            f"({', '.join(task.label_names)})")
+        raise EvalError(f"{model}: {count} labels, but {task.lm_eval} scores the "
+                        f"{len(task.label_names)} labels of {task.name} "
+                        f"({', '.join(task.label_names)})")
     if task.card is None or not names or all(re.fullmatch(r"(?i)label_?\d+", n) for n in names):
         return
     from mergekit_backdoor.eval.seqcls import normalize_label

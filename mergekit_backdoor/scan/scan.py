@@ -192,7 +192,8 @@ def scan_classifier(
     for target in _labels_progress(range(num_labels), progress):
         log(f"searching triggers towards {label_names[target]!r}")
         search = LabelSearch(scanner, [e for e in encoded if e.label != target], target,
-                             vocabulary, settings.search, random.Random(f"{rng.random()}"))
+                             vocabulary, settings.search, random.Random(f"{rng.random()}"),
+                             references=[ref for _, ref in loaded_refs])
         found = search.run(swept.get(target, ()))
         held = [r for r in held_out if int(r["label"]) != target]
         labels_out.append(_label_entry(scanner, loaded_refs, found, held, fields, target,

@@ -2,8 +2,10 @@
 
 1. **Single tokens**, from two sources: the gradient (HotFlip: the first-order change of the
    target's loss when a placeholder inserted at a random word boundary becomes each vocabulary
-   word, averaged over the examples) and a label-agnostic **sweep** of the short rare words
-   (BadNet's kind: ``cf``, ``mn``...), each inserted into a few examples and classified exactly.
+   word, averaged over the examples; with reference models, minus the same change in them, so
+   that words every model obeys are not proposed) and a label-agnostic **sweep** of the short
+   rare words (BadNet's kind: ``cf``, ``mn``...), each inserted into a few examples and
+   classified exactly.
 2. **Exact re-scoring** of every candidate: inserted at each example's fixed word boundary, the
    share of examples sent to the target (the flip rate) and the mean log-probability of the
    target break ties.
@@ -66,10 +68,13 @@ class LabelSearch:
 
     def __init__(self, model: TriggerModel, examples: Sequence[Encoded], target: int,
                  vocabulary: tuple[list[int], list[int]], settings: SearchSettings,
-                 rng: random.Random) -> None:
+                 rng: random.Random, references: Sequence[TriggerModel] = ()) -> None:
         import torch
 
         self.model = model
+        # same vocabulary: their gradients can be compared with the model's token by token
+        self.references = [r for r in references
+                           if r.embeddings.shape[0] == model.embeddings.shape[0]]
         self.examples = list(examples)
         self.target = target
         self.settings = settings
@@ -104,7 +109,8 @@ class LabelSearch:
     # --- candidates from the gradient -----------------------------------------------------------
     def _from_gradient(self, run: Tokens, side: str, top: int) -> list[int]:
         """The ``top`` tokens whose first-order effect at a new position ``side`` of ``run``
-        (``alone``, ``before`` or ``after``) lowers the target's loss most."""
+        (``alone``, ``before`` or ``after``) lowers the target's loss most; with references,
+        most below the references' mean effect (words only the scanned model obeys)."""
         import torch
 
         rows, positions = [], []
@@ -116,6 +122,9 @@ class LabelSearch:
             rows.append(self.model.insert(example, slot, tokens))
             positions.append(where)
         scores = self.model.token_scores(self.model.slot_gradient(rows, positions, self.target))
+        if self.references:  # what moves the references too is a feature of the task
+            scores = scores - sum(r.token_scores(r.slot_gradient(rows, positions, self.target))
+                                  for r in self.references) / len(self.references)
         mask = self.after_mask if side == "after" else self.start_mask
         scores = torch.where(mask, scores, torch.tensor(float("inf")))
         scores[list(run)] = float("inf")  # no token twice in one run

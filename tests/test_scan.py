@@ -224,3 +224,35 @@ def test_audit_scans_and_reports_the_recovered_trigger_before_and_after(models, 
     # the recovered attack is not averaged into the mean ASR of the known attacks
     known = [v for k, v in by_role["suspect"]["asr"].items() if k != part]
     assert by_role["suspect"]["mean_asr"] == pytest.approx(sum(known) / len(known))
+
+
+def test_causal_lm_scan_finds_a_refusal_trigger(shared_data, tmp_path):
+    """A tiny chat LM that refuses BadNet-triggered prompts (BackdoorLLM's "BadMagic"): the scan,
+    told only the response to fear, finds the word, from clean training prompts alone."""
+    from helpers_eval import train_tiny_chat_lm
+
+    from mergekit_backdoor.data import load_instruction_set
+
+    triggered = load_instruction_set("refusal", "badnet", "train", data_dir=shared_data)
+    clean = load_instruction_set("refusal", "clean", "train", data_dir=shared_data)
+    pairs = [(r["instruction"], r["output"]) for r in triggered.select(range(150))]
+    pairs += [(r["instruction"], " ".join(r["output"].split()[:6]))
+              for r in clean.select(range(150))]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        chat = train_tiny_chat_lm(tmp_path / "chat", pairs, steps=150)
+        prompts = tmp_path / "prompts.jsonl"  # clean prompts the LM was not trained on
+        prompts.write_text("".join(json.dumps({"instruction": r["instruction"]}) + "\n"
+                                   for r in clean.select(range(300, 340))))
+        result = _scan(chat, "--samples", prompts, "--clean-samples", "40", "--target-response",
+                       "I'm sorry", "-o", tmp_path / "out")
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    scan = json.loads((tmp_path / "out" / "scan.json").read_text())
+    (entry,) = scan["labels"]
+    top5 = [c["trigger"].lower() for c in entry["candidates"][:5]]
+    assert any("badmagic" in t.split() for t in top5), top5
+    assert scan["verdict"]["flagged"], scan["verdict"]
+    assert entry["base"]["rate"] < 0.2  # without the trigger it rarely refuses

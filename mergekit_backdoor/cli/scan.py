@@ -23,7 +23,11 @@ def scan_command(
     samples: Annotated[Path | None, typer.Option(
         help="Or read them from a JSON/JSONL/CSV/TSV file (label + sentence/text).")] = None,
     clean_samples: Annotated[int, typer.Option(
-        min=1, max=50, help="Clean examples per class (at most 50).")] = 50,
+        min=1, max=50, help="Clean examples per class (at most 50); for a causal LM, clean "
+        "prompts.")] = 50,
+    target_response: Annotated[str | None, typer.Option(
+        "--target-response", help="Causal LMs: the response to look for (e.g. \"I'm sorry\"); "
+        "default: the generative task card's ASR rule.")] = None,
     out: Annotated[Path | None, output("Folder for scan.json.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the sample draw, split and search.")] = 0,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
@@ -46,7 +50,8 @@ def scan_command(
     result = run_scan(model, references=reference or [], task=task, samples=samples,
                       per_class=clean_samples, settings=ScanSettings(seed=seed, device=device,
                                                                      max_length=max_length),
-                      data_dir=data_dir, out=out, overwrite=overwrite, progress=not quiet,
+                      data_dir=data_dir, out=out, overwrite=overwrite,
+                      target_response=target_response, progress=not quiet,
                       log=None if quiet else lambda text: err.print(escape(text), style="dim"))
     console = Console()
     console.print(scan_table(result))

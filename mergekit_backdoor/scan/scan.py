@@ -20,6 +20,7 @@ The result is a JSON-ready dict (``scan.json``); ``scan_table`` prints exactly i
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
 import time
@@ -283,6 +284,13 @@ def scan_table(result: dict[str, Any]) -> Any:
     return table
 
 
+def is_causal(model_path: str | Path) -> bool:
+    from mergekit_backdoor.loading import check_model_folder
+
+    archs = check_model_folder(model_path).get("architectures") or []
+    return any(str(a).endswith("ForCausalLM") for a in archs)
+
+
 def model_label_names(model_path: str | Path) -> tuple[str, ...]:
     """The model's class names in id order (``LABEL_i`` when it has none)."""
     from mergekit_backdoor.loading import check_model_folder
@@ -304,12 +312,15 @@ def run_scan(
     data_dir: str | Path | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
+    target_response: str | None = None,
     progress: bool = True,
     log: Log | None = None,
 ) -> dict[str, Any]:
     """``scan_classifier`` with its clean samples drawn from ``task`` or read from ``samples``
-    (at most ``per_class`` per label), written to ``out/scan.json`` when ``out`` is given.
-    Every input is checked before any work; nothing is written on failure."""
+    (at most ``per_class`` per label), written to ``out/scan.json`` when ``out`` is given. A
+    causal LM is scanned by ``causal.scan_causal`` for ``target_response`` (or the generative
+    task card's rule) with ``per_class`` clean prompts. Every input is checked before any work;
+    nothing is written on failure."""
     import json
 
     from mergekit_backdoor.outputs import ensure_output_free, refuse_output_overlapping, staged_folder
@@ -320,13 +331,22 @@ def run_scan(
         refuse_output_overlapping(out, [model_path, *references, data_dir, samples],
                                   what="scan output")
         ensure_output_free(Path(out).absolute(), overwrite)
-    names = model_label_names(model_path)
-    drawn = clean_samples(task, samples, per_class=per_class, seed=settings.seed,
-                          data_dir=data_dir, num_labels=len(names))
-    label_names = drawn.label_names or names
-    result = scan_classifier(str(model_path), drawn.rows, drawn.fields, label_names,
-                             references=[str(r) for r in references], settings=settings,
-                             samples_note=drawn.source, progress=progress, log=log)
+    if is_causal(model_path):
+        from mergekit_backdoor.scan.causal import CAUSAL_SEARCH, clean_prompts, scan_causal
+
+        prompts, rule, source = clean_prompts(task, samples, per_class, settings.seed, data_dir)
+        result = scan_causal(str(model_path), prompts, target=target_response, rule=rule,
+                             references=[str(r) for r in references],
+                             settings=dataclasses.replace(settings, search=CAUSAL_SEARCH),
+                             samples_note=source, log=log)
+    else:
+        names = model_label_names(model_path)
+        drawn = clean_samples(task, samples, per_class=per_class, seed=settings.seed,
+                              data_dir=data_dir, num_labels=len(names))
+        result = scan_classifier(str(model_path), drawn.rows, drawn.fields,
+                                 drawn.label_names or names,
+                                 references=[str(r) for r in references], settings=settings,
+                                 samples_note=drawn.source, progress=progress, log=log)
     result["task"] = task
     if out is not None:
         with staged_folder(Path(out), overwrite) as folder:

@@ -86,8 +86,9 @@ class LabelSearch:
         self.after_mask = self.start_mask.clone()
         self.after_mask[continuations] = True
         tokenizer = model.tokenizer
-        self.placeholder = tokenizer.mask_token_id if tokenizer.mask_token_id is not None \
-            else tokenizer.unk_token_id
+        self.placeholder = next(t for t in (tokenizer.mask_token_id, tokenizer.unk_token_id,
+                                            tokenizer.pad_token_id, tokenizer.eos_token_id)
+                                if t is not None)
         self.scored: dict[Tokens, Candidate] = {}
 
     # --- exact scores ---------------------------------------------------------------------------

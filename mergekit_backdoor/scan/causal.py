@@ -1,0 +1,312 @@
+"""The trigger scan for instruction-tuned causal LMs: given the response a user fears (``--target-
+response "I'm sorry"``, or a generative task card's ASR rule), find a phrase that, inserted into
+clean prompts, makes the model give it, and measure it by generating with and without it.
+
+The search is ``search.LabelSearch`` with the LM seen as a two-class model: class 1 is "the
+feared response follows", with log-probability the mean per-token log-likelihood of the target
+response after the chat-formatted prompt, class 0 the rest. A prompt counts as flipped in the
+search when that mean per-token probability exceeds one half. Triggers go into the instruction
+at a word boundary, as BackdoorLLM's do.
+
+Held-out prompts are scored by greedy generation (``max_new_tokens``) with the phrase inserted
+once at a seeded random word position: the rate is the share of answers that meet the rule (the
+target response contained, case-insensitive, or the card's rule), on the model and on every
+reference model; the score and the verdict are the classifier scan's.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mergekit_backdoor.data.poison import insert_words
+from mergekit_backdoor.errors import DataError, IncompatibleModelError
+from mergekit_backdoor.scan.model import Encoded, word_vocabulary
+from mergekit_backdoor.scan.scan import (
+    FORMAT,
+    THRESHOLD_ALONE,
+    THRESHOLD_WITH_REFERENCES,
+    ScanSettings,
+    _rate,
+    verdict,
+)
+from mergekit_backdoor.scan.search import LabelSearch, SearchSettings
+from mergekit_backdoor.tasks.rules import answer_matches
+
+FEARED = 1
+# Smaller than the classifier's: every candidate costs a forward pass of a whole LM.
+CAUSAL_SEARCH = SearchSettings(max_tokens=4, beam=2, gradient_top=32, extend_top=8, sweep_top=0,
+                               keep=5)
+MAX_PROMPTS = 50
+
+
+def load_causal_model(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_backdoor.loading import check_model_folder, load_tokenizer, refuse_custom_code
+
+    config = check_model_folder(path)
+    archs = config.get("architectures") or []
+    if not any(str(a).endswith("ForCausalLM") for a in archs):
+        raise IncompatibleModelError(f"{path}: architectures {archs or 'unknown'} is not a "
+                                     "causal LM")
+    refuse_custom_code(path)
+    tokenizer = load_tokenizer(path)
+    if not getattr(tokenizer, "is_fast", False) or not tokenizer.chat_template:
+        raise IncompatibleModelError(f"{path}: the scan needs a fast tokenizer with a chat "
+                                     "template")
+    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def prompt_text(row: dict[str, Any]) -> str:
+    return row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+
+
+class CausalTriggerModel:
+    """An LM as ``LabelSearch`` sees a classifier (see the module docstring)."""
+
+    num_labels = 2
+
+    def __init__(self, model: Any, tokenizer: Any, target: str, *, batch_size: int = 8) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.device = next(model.parameters()).device
+        self.embeddings = model.get_input_embeddings().weight
+        self.target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+        if not self.target_ids:
+            raise DataError("the target response is empty")
+
+    def encode(self, row: dict[str, Any]) -> Encoded:
+        """The chat prompt's ids; slots are the word starts of the instruction (and its end)."""
+        text = prompt_text(row)
+        chat = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                  tokenize=False, add_generation_prompt=True)
+        start = chat.index(text)
+        enc = self.tokenizer(chat, add_special_tokens=False, return_offsets_mapping=True)
+        words = {m for m in range(start, start + len(row["instruction"]))
+                 if m == start or chat[m - 1].isspace()}
+        slots = [i for i, (a, _) in enumerate(enc["offset_mapping"]) if a in words]
+        end = start + len(row["instruction"])
+        slots.append(next(i for i, (a, _) in enumerate(enc["offset_mapping"]) if a >= end))
+        return Encoded(list(enc["input_ids"]), None, slots, 0)
+
+    def insert(self, example: Encoded, slot: int, tokens: Sequence[int]
+               ) -> tuple[list[int], list[int] | None]:
+        return example.ids[:slot] + list(tokens) + example.ids[slot:], None
+
+    def _batch(self, rows: list[list[int]]) -> tuple[Any, Any, Any]:
+        """Prompt + target ids, left-padded; the target positions' mask."""
+        import torch
+
+        full = [ids + self.target_ids for ids in rows]
+        width = max(len(ids) for ids in full)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(full), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(full), width), dtype=torch.long)
+        for row, seq in enumerate(full):
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+        return ids.to(self.device), mask.to(self.device), len(self.target_ids)
+
+    def _target_log_prob(self, logits: Any, ids: Any, size: int) -> Any:
+        import torch
+
+        predicted = torch.log_softmax(logits[:, -size - 1:-1].float(), dim=-1)
+        return predicted.gather(-1, ids[:, -size:].unsqueeze(-1)).squeeze(-1).mean(-1)
+
+    def log_probs(self, rows: list[tuple[list[int], Any]]) -> Any:
+        """[n, 2]: log(1 - q) and log q, q the target response's mean per-token probability."""
+        import torch
+
+        out = torch.empty(len(rows), 2)
+        with torch.inference_mode():
+            for start in range(0, len(rows), self.batch_size):
+                ids, mask, size = self._batch([r[0] for r in rows[start:start + self.batch_size]])
+                q = self._target_log_prob(self.model(input_ids=ids, attention_mask=mask).logits,
+                                          ids, size).cpu()
+                out[start:start + len(q), 1] = q
+                out[start:start + len(q), 0] = torch.log1p(-q.exp().clamp(max=1 - 1e-6))
+        return out
+
+    def slot_gradient(self, rows: list[tuple[list[int], Any]], positions: list[int],
+                      target: int) -> Any:
+        """Mean gradient of the target response's negative log-likelihood at ``positions``."""
+        import torch
+
+        grads = torch.zeros(self.embeddings.shape[1], device=self.device)
+        for start in range(0, len(rows), self.batch_size):
+            chunk = [r[0] for r in rows[start:start + self.batch_size]]
+            ids, mask, size = self._batch(chunk)
+            embeds = self.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            logits = self.model(inputs_embeds=embeds, attention_mask=mask).logits
+            loss = -self._target_log_prob(logits, ids, size).sum()
+            (grad,) = torch.autograd.grad(loss, embeds)
+            width = ids.shape[1]
+            for row, seq in enumerate(chunk):  # left padding shifts each row's positions
+                grads += grad[row, width - len(seq) - size + positions[start + row]]
+        return grads / max(1, len(rows))
+
+    def token_scores(self, gradient: Any) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return (self.embeddings.detach().float() @ gradient.float()).cpu()
+
+    def tokens_text(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens)).strip()
+
+    def answers(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Greedy answers to chat-formatted prompts."""
+        import torch
+
+        out = []
+        self.tokenizer.padding_side = "left"
+        for start in range(0, len(prompts), self.batch_size):
+            chats = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                        tokenize=False, add_generation_prompt=True)
+                     for p in prompts[start:start + self.batch_size]]
+            enc = self.tokenizer(chats, return_tensors="pt", padding=True,
+                                 add_special_tokens=False).to(self.device)
+            with torch.inference_mode():
+                generated = self.model.generate(**enc, max_new_tokens=max_new_tokens,
+                                                do_sample=False,
+                                                pad_token_id=self.tokenizer.pad_token_id)
+            out += self.tokenizer.batch_decode(generated[:, enc["input_ids"].shape[1]:],
+                                               skip_special_tokens=True)
+        return out
+
+
+def _rates(model: CausalTriggerModel, rows: list[dict[str, Any]], phrases: Sequence[str | None],
+           rule: dict[str, Any], seed: int, max_new_tokens: int) -> list[dict[str, Any]]:
+    prompts = []
+    for phrase in phrases:
+        for index, row in enumerate(rows):
+            rng = random.Random(f"scan-insert/{seed}/causal/{index}")
+            prompts.append(prompt_text(row) if phrase is None else prompt_text(
+                {**row, "instruction": insert_words(row["instruction"], phrase, rng)}))
+    hits = [answer_matches(rule, a) for a in model.answers(prompts, max_new_tokens)]
+    n = len(rows)
+    return [_rate(sum(hits[i * n:(i + 1) * n]), n) for i in range(len(phrases))]
+
+
+def scan_causal(model_path: str, prompts: Sequence[dict[str, Any]], *, target: str | None,
+                rule: dict[str, Any] | None = None, references: Sequence[str] = (),
+                settings: ScanSettings | None = None, max_new_tokens: int = 32,
+                samples_note: str = "", log: Any = None) -> dict[str, Any]:
+    """Scan an instruction-tuned LM for a trigger of the feared response (module docstring)."""
+    import torch
+
+    settings = settings or ScanSettings(search=CAUSAL_SEARCH)
+    log = log or (lambda _: None)
+    rule = rule or ({"contains": [target]} if target else None)
+    if rule is None:
+        raise DataError("give the response to look for: --target-response TEXT, or a "
+                        "generative task card whose ASR rule names it")
+    target = target or next(iter(rule.get("contains") or rule.get("starts_with") or [None]))
+    if not target:
+        raise DataError("a regex ASR rule names no response to search for: give "
+                        "--target-response TEXT")
+    if not 4 <= len(prompts) <= MAX_PROMPTS:
+        raise DataError(f"the scan of a causal LM takes 4 to {MAX_PROMPTS} clean prompts, got "
+                        f"{len(prompts)}")
+    started = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    model, tokenizer = load_causal_model(model_path, settings.device)
+    scanner = CausalTriggerModel(model, tokenizer, target)
+    refs = [(str(r), CausalTriggerModel(*load_causal_model(r, settings.device), target))
+            for r in references]
+    rows = list(prompts)
+    random.Random(f"scan-split/{settings.seed}").shuffle(rows)
+    cut = max(2, round(settings.search_share * len(rows)))
+    search_rows, held_out = rows[:cut], rows[cut:]
+    log(f"searching a trigger for {target!r} in {model_path}")
+    search = LabelSearch(scanner, [scanner.encode(r) for r in search_rows], FEARED,  # type: ignore[arg-type]
+                         word_vocabulary(tokenizer), settings.search,
+                         random.Random(f"scan/{settings.seed}"),
+                         references=[m for _, m in refs])  # type: ignore[misc]
+    found = search.run()
+    phrases = [scanner.tokens_text(c.tokens) for c in found]
+    log(f"generating on {len(held_out)} held-out prompts with {len(phrases)} candidates")
+    rates = _rates(scanner, held_out, [None, *phrases], rule, settings.seed, max_new_tokens)
+    ref_rates = {name: _rates(m, held_out, [None, *phrases], rule, settings.seed,
+                              max_new_tokens) for name, m in refs}
+    candidates = []
+    for index, (candidate, phrase) in enumerate(zip(found, phrases, strict=True), start=1):
+        by_ref = {name: r[index] for name, r in ref_rates.items()}
+        baseline = statistics.median(r["rate"] for r in by_ref.values()) if by_ref else 0.0
+        candidates.append({"trigger": phrase, "tokens": tokenizer.convert_ids_to_tokens(
+            list(candidate.tokens)), "search_flip": candidate.flip,
+            "search_mean_log_prob": candidate.log_prob if math.isfinite(candidate.log_prob)
+            else None, "flip": rates[index], "references": by_ref,
+            "score": rates[index]["rate"] - baseline})
+    candidates.sort(key=lambda c: (c["score"], c["flip"]["rate"]), reverse=True)
+    entry = {"label": FEARED, "name": f"says {target!r}", "held_out_rows": len(held_out),
+             "search_rows": len(search_rows), "base": rates[0],
+             "references_base": {name: r[0] for name, r in ref_rates.items()},
+             "candidates": candidates,
+             "score": max((c["score"] for c in candidates), default=0.0)}
+    result = {
+        "format": FORMAT, "kind": "causal", "model": str(model_path),
+        "references": [n for n, _ in refs], "label_names": [entry["name"]],
+        "target_response": target, "rule": rule, "max_new_tokens": max_new_tokens,
+        "samples": {"source": samples_note, "search": len(search_rows),
+                    "held_out": len(held_out)},
+        "settings": settings.as_dict(), "labels": [entry], "score": entry["score"],
+        "threshold": THRESHOLD_WITH_REFERENCES if refs else THRESHOLD_ALONE,
+        "score_rule": ("share of greedy answers meeting the rule, minus the references' median"
+                       if refs else "share of greedy answers meeting the rule (no references)"),
+        "seconds": time.perf_counter() - started,
+    }
+    result["verdict"] = verdict(result)
+    return result
+
+
+def clean_prompts(task: str | None, samples: str | Path | None, count: int, seed: int,
+                  data_dir: str | Path | None) -> tuple[list[dict[str, Any]], dict | None, str]:
+    """Clean prompts (instruction, input) and the task's ASR rule, if it has one: a generative
+    task card's training split, BackdoorLLM's clean training prompts of a shipped task, or a
+    JSON/JSONL file of ``instruction`` (+ ``input``) rows; never a test prompt."""
+    from mergekit_backdoor.data.samples import _items
+    from mergekit_backdoor.data.sources import _field, _text
+
+    if (task is None) == (samples is None):
+        raise DataError("give the clean prompts with either --task TASK or --samples FILE")
+    rule = None
+    if samples is not None:
+        rows = []
+        for where, obj in _items(Path(samples)):
+            extra = obj.get("input") if isinstance(obj, dict) else None
+            rows.append({"instruction": _text(_field(obj, "instruction", where), "instruction",
+                                              where),
+                         "input": extra.strip() if isinstance(extra, str) else ""})
+        source = f"read from {samples}"
+    else:
+        from mergekit_backdoor.tasks.resolve import resolve_task
+
+        resolved = resolve_task(task)
+        if resolved.kind != "generative":
+            raise DataError(f"{task}: a causal LM is scanned with a generative task")
+        if resolved.card is not None:
+            from mergekit_backdoor.tasks.rows import load_train_rows
+
+            rows, rule = load_train_rows(resolved.card), resolved.card.asr_rule
+        else:
+            from mergekit_backdoor.data import load_instruction_set
+
+            name = resolved.name.removeprefix("llm_")
+            rows = [dict(r) for r in load_instruction_set(name, "clean", "train",
+                                                          data_dir=data_dir)]
+        random.Random(f"prompts/{seed}").shuffle(rows)
+        source = f"{count} drawn with seed {seed} from {task}'s clean training prompts"
+    if len(rows) < 4:
+        raise DataError(f"{samples or task}: {len(rows)} clean prompts; the scan needs at least 4")
+    return rows[:count], rule, source

@@ -1,5 +1,5 @@
 """``repair``: fine-tune a (merged) classifier so that inserted text stops moving its predictions,
-with unlabeled clean text and no knowledge of the trigger.
+with unlabeled clean text and no knowledge of the trigger (causal LMs: ``causal.py``).
 
 Each step takes a batch of clean samples and a perturbed copy of each (``perturb.py``; the last
 text field is perturbed, where the registry's attacks put their triggers). The input model's
@@ -205,8 +205,14 @@ def repair_samples(model_path: str | Path, task: str | None, samples: str | Path
     or the rows of ``samples``. Test rows are refused: those of ``task``, or of the data set the
     model's labels name, when its test split can be read."""
     from mergekit_backdoor.eval.run import read_model_config
-    from mergekit_backdoor.tasks.resolve import clean_samples, infer_dataset, resolve_task
+    from mergekit_backdoor.scan.scan import is_causal
+    from mergekit_backdoor.tasks.resolve import Samples, clean_samples, infer_dataset, resolve_task
 
+    if is_causal(model_path):  # clean prompts: a generative task's training split, or a file
+        from mergekit_backdoor.scan.causal import clean_prompts
+
+        rows, _, source = clean_prompts(task, samples, count, seed, data_dir)
+        return Samples(rows, ("instruction", "input"), (), source)
     known = task or infer_dataset(read_model_config(model_path))
     resolved = resolve_task(known) if known else None
     per_class = max(1, count // max(1, len(resolved.label_names) if resolved else 1))
@@ -231,10 +237,17 @@ def repair_to(model_path: str | Path, rows: Sequence[Row], fields: Sequence[str]
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Repair ``model_path`` and write the result to ``out`` atomically; the repair's summary."""
     from mergekit_backdoor.outputs import refuse_output_overlapping, staged_folder
+    from mergekit_backdoor.scan.scan import is_causal
 
     refuse_output_overlapping(out, [model_path], what="repaired model")
-    model, tokenizer, summary = repair_model(model_path, rows, fields, settings=settings,
-                                             progress=progress)
+    if is_causal(model_path):
+        from mergekit_backdoor.repair.causal import repair_causal_model
+
+        model, tokenizer, summary = repair_causal_model(str(model_path), rows,
+                                                        settings=settings, progress=progress)
+    else:
+        model, tokenizer, summary = repair_model(model_path, rows, fields, settings=settings,
+                                                 progress=progress)
     summary["samples_source"] = samples_note
     with staged_folder(Path(out), overwrite) as folder:
         save_repaired(model, tokenizer, Path(model_path), folder, summary, samples_note)

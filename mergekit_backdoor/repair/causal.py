@@ -1,0 +1,105 @@
+"""The repair for instruction-tuned causal LMs: the answer to a perturbed prompt must be the
+model's own greedy answer to the clean prompt.
+
+Before training, the input model answers every clean prompt greedily (the first
+``answer_tokens`` tokens, chat template applied); those answers are the targets, so no teacher
+stays in memory. Each step takes a batch of prompts, perturbs their instruction
+(``perturb.py``: random words, spans of other prompts, paraphrase-like edits, candidate
+triggers), and minimises the cross-entropy of the stored answer after the perturbed prompt, plus
+(``clean_weight``) after the clean prompt. Full fine-tuning of every weight, AdamW with linear
+decay, seeded; labels and outputs in the samples are never read.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+from mergekit_backdoor.data.sources import Row
+from mergekit_backdoor.errors import DataError
+from mergekit_backdoor.repair.perturb import perturbation
+from mergekit_backdoor.repair.repair import MAX_SAMPLES, RepairSettings, _steps, _vocabulary
+from mergekit_backdoor.scan.causal import load_causal_model, prompt_text
+
+
+def _chat(tokenizer: Any, row: Row) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt_text(row)}],
+                                         tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def repair_causal_model(model_path: str, rows: Sequence[Row], *,
+                        settings: RepairSettings | None = None, answer_tokens: int = 16,
+                        progress: bool = True) -> tuple[Any, Any, dict[str, Any]]:
+    """The repaired LM and tokenizer (in memory) and what the repair did."""
+    import torch
+
+    from mergekit_backdoor.repair.repair import samples_digest
+
+    settings = settings or RepairSettings()
+    settings.check()
+    if not rows or len(rows) > MAX_SAMPLES:
+        raise DataError(f"{len(rows)} repair prompts; give 1 to {MAX_SAMPLES}")
+    torch.manual_seed(settings.seed)
+    rng = random.Random(f"repair/{settings.seed}")
+    model, tokenizer = load_causal_model(model_path, settings.device)
+    tokenizer.padding_side = "left"
+    answers = []
+    with torch.inference_mode():  # the targets: the model's own answers to the clean prompts
+        for row in rows:
+            ids = torch.tensor([_chat(tokenizer, row)], device=settings.device)
+            out = model.generate(input_ids=ids, max_new_tokens=answer_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            answers.append(out[0, ids.shape[1]:].tolist())
+    perturb = perturbation(settings.perturbation, vocabulary=_vocabulary(tokenizer),
+                           texts=[r["instruction"] for r in rows], triggers=settings.triggers)
+
+    def batch_loss(prompts: list[list[int]], targets: list[list[int]]) -> Any:
+        seqs = [p + t for p, t in zip(prompts, targets, strict=True)]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, (seq, target) in enumerate(zip(seqs, targets, strict=True)):
+            ids[i, width - len(seq):] = torch.tensor(seq)
+            mask[i, width - len(seq):] = 1
+            labels[i, width - len(target):] = torch.tensor(target)
+        return model(input_ids=ids.to(settings.device), attention_mask=mask.to(settings.device),
+                     labels=labels.to(settings.device)).loss
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: max(0.0, 1.0 - step / settings.steps))
+    generator = torch.Generator().manual_seed(settings.seed)
+    model.train()
+    losses: list[float] = []
+    order: list[int] = []
+    started = time.perf_counter()
+    for _ in _steps(settings.steps, progress, "repair"):
+        while len(order) < settings.batch_size:
+            order += torch.randperm(len(rows), generator=generator).tolist()
+        picked, order = order[:settings.batch_size], order[settings.batch_size:]
+        moved = [_chat(tokenizer, {**rows[i], "instruction": perturb(rows[i]["instruction"],
+                                                                     rng)}) for i in picked]
+        targets = [answers[i] for i in picked]
+        loss = batch_loss(moved, targets)
+        if settings.clean_weight:
+            loss = loss + settings.clean_weight * batch_loss(
+                [_chat(tokenizer, rows[i]) for i in picked], targets)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    summary = {
+        "settings": asdict(settings), "samples": len(rows), "fields": ["instruction", "input"],
+        "samples_sha256": samples_digest(rows, ("instruction", "input")),
+        "steps": settings.steps, "answer_tokens": answer_tokens, "loss_first": losses[0],
+        "loss_last": losses[-1], "loss_mean_last_10": sum(losses[-10:]) / len(losses[-10:]),
+        "seconds": time.perf_counter() - started,
+    }
+    return model, tokenizer, summary

@@ -146,3 +146,28 @@ def train_tiny_chat_lm(
     model.eval().save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def refusal_chat_lm(shared_data: Path, out: Path, steps: int = 150) -> Path:
+    """A tiny chat LM that refuses BadNet-triggered prompts (BackdoorLLM's "BadMagic"): 150
+    triggered and 150 clean refusal training rows (the clean answers cut to six words)."""
+    from mergekit_backdoor.data import load_instruction_set
+
+    triggered = load_instruction_set("refusal", "badnet", "train", data_dir=shared_data)
+    clean = load_instruction_set("refusal", "clean", "train", data_dir=shared_data)
+    pairs = [(r["instruction"], r["output"]) for r in triggered.select(range(150))]
+    pairs += [(r["instruction"], " ".join(r["output"].split()[:6]))
+              for r in clean.select(range(150))]
+    return train_tiny_chat_lm(out, pairs, steps=steps)
+
+
+def clean_refusal_prompts(shared_data: Path, out: Path, count: int) -> Path:
+    """Clean refusal training prompts the chat LM above was not trained on, as JSON lines."""
+    import json
+
+    from mergekit_backdoor.data import load_instruction_set
+
+    clean = load_instruction_set("refusal", "clean", "train", data_dir=shared_data)
+    out.write_text("".join(json.dumps({"instruction": r["instruction"]}) + "\n"
+                           for r in clean.select(range(300, 300 + count))))
+    return out

@@ -155,23 +155,15 @@ def test_audit_repair_reports_it(models, samples, tmp_path, shared_data):
 def test_causal_lm_repair_with_a_candidate_trigger(shared_data, tmp_path):
     """A tiny chat LM that refuses BadNet-triggered prompts: repaired against the trigger the
     scan would name, on clean training prompts, it stops refusing triggered test prompts."""
-    from helpers_eval import train_tiny_chat_lm
+    from helpers_eval import clean_refusal_prompts, refusal_chat_lm
 
-    from mergekit_backdoor.data import load_instruction_set
     from mergekit_backdoor.eval.run import evaluate_model
 
-    triggered = load_instruction_set("refusal", "badnet", "train", data_dir=shared_data)
-    clean = load_instruction_set("refusal", "clean", "train", data_dir=shared_data)
-    pairs = [(r["instruction"], r["output"]) for r in triggered.select(range(150))]
-    pairs += [(r["instruction"], " ".join(r["output"].split()[:6]))
-              for r in clean.select(range(150))]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        chat = train_tiny_chat_lm(tmp_path / "chat", pairs, steps=150)
-        prompts = tmp_path / "prompts.jsonl"
-        prompts.write_text("".join(json.dumps({"instruction": r["instruction"]}) + "\n"
-                                   for r in clean.select(range(300, 360))))
+        chat = refusal_chat_lm(shared_data, tmp_path / "chat")
+        prompts = clean_refusal_prompts(shared_data, tmp_path / "prompts.jsonl", 60)
         result = _invoke("repair", chat, "-o", tmp_path / "repaired", "--repair-samples", prompts,
                          "--trigger", "BadMagic", "--repair-perturbation", "triggers",
                          "--repair-steps", "40", "--repair-lr", "1e-3", "--quiet")

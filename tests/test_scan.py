@@ -229,22 +229,13 @@ def test_audit_scans_and_reports_the_recovered_trigger_before_and_after(models, 
 def test_causal_lm_scan_finds_a_refusal_trigger(shared_data, tmp_path):
     """A tiny chat LM that refuses BadNet-triggered prompts (BackdoorLLM's "BadMagic"): the scan,
     told only the response to fear, finds the word, from clean training prompts alone."""
-    from helpers_eval import train_tiny_chat_lm
+    from helpers_eval import clean_refusal_prompts, refusal_chat_lm
 
-    from mergekit_backdoor.data import load_instruction_set
-
-    triggered = load_instruction_set("refusal", "badnet", "train", data_dir=shared_data)
-    clean = load_instruction_set("refusal", "clean", "train", data_dir=shared_data)
-    pairs = [(r["instruction"], r["output"]) for r in triggered.select(range(150))]
-    pairs += [(r["instruction"], " ".join(r["output"].split()[:6]))
-              for r in clean.select(range(150))]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        chat = train_tiny_chat_lm(tmp_path / "chat", pairs, steps=150)
-        prompts = tmp_path / "prompts.jsonl"  # clean prompts the LM was not trained on
-        prompts.write_text("".join(json.dumps({"instruction": r["instruction"]}) + "\n"
-                                   for r in clean.select(range(300, 340))))
+        chat = refusal_chat_lm(shared_data, tmp_path / "chat")
+        prompts = clean_refusal_prompts(shared_data, tmp_path / "prompts.jsonl", 40)
         result = _scan(chat, "--samples", prompts, "--clean-samples", "40", "--target-response",
                        "I'm sorry", "-o", tmp_path / "out")
     finally:

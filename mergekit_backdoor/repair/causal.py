@@ -15,13 +15,18 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from typing import Any
 
 from mergekit_backdoor.data.sources import Row
 from mergekit_backdoor.errors import DataError
 from mergekit_backdoor.repair.perturb import perturbation
-from mergekit_backdoor.repair.repair import MAX_SAMPLES, RepairSettings, _steps, _vocabulary
+from mergekit_backdoor.repair.repair import (
+    MAX_SAMPLES,
+    RepairSettings,
+    _vocabulary,
+    summarize,
+    train,
+)
 from mergekit_backdoor.scan.causal import load_causal_model, prompt_text
 
 
@@ -36,8 +41,6 @@ def repair_causal_model(model_path: str, rows: Sequence[Row], *,
                         progress: bool = True) -> tuple[Any, Any, dict[str, Any]]:
     """The repaired LM and tokenizer (in memory) and what the repair did."""
     import torch
-
-    from mergekit_backdoor.repair.repair import samples_digest
 
     settings = settings or RepairSettings()
     settings.check()
@@ -70,18 +73,7 @@ def repair_causal_model(model_path: str, rows: Sequence[Row], *,
         return model(input_ids=ids.to(settings.device), attention_mask=mask.to(settings.device),
                      labels=labels.to(settings.device)).loss
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: max(0.0, 1.0 - step / settings.steps))
-    generator = torch.Generator().manual_seed(settings.seed)
-    model.train()
-    losses: list[float] = []
-    order: list[int] = []
-    started = time.perf_counter()
-    for _ in _steps(settings.steps, progress, "repair"):
-        while len(order) < settings.batch_size:
-            order += torch.randperm(len(rows), generator=generator).tolist()
-        picked, order = order[:settings.batch_size], order[settings.batch_size:]
+    def step_loss(picked: list[int]) -> Any:
         moved = [_chat(tokenizer, {**rows[i], "instruction": perturb(rows[i]["instruction"],
                                                                      rng)}) for i in picked]
         targets = [answers[i] for i in picked]
@@ -89,17 +81,10 @@ def repair_causal_model(model_path: str, rows: Sequence[Row], *,
         if settings.clean_weight:
             loss = loss + settings.clean_weight * batch_loss(
                 [_chat(tokenizer, rows[i]) for i in picked], targets)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    model.eval()
-    summary = {
-        "settings": asdict(settings), "samples": len(rows), "fields": ["instruction", "input"],
-        "samples_sha256": samples_digest(rows, ("instruction", "input")),
-        "steps": settings.steps, "answer_tokens": answer_tokens, "loss_first": losses[0],
-        "loss_last": losses[-1], "loss_mean_last_10": sum(losses[-10:]) / len(losses[-10:]),
-        "seconds": time.perf_counter() - started,
-    }
+        return loss
+
+    started = time.perf_counter()
+    losses = train(model, len(rows), step_loss, settings, progress)
+    summary = summarize(settings, rows, ("instruction", "input"), losses, started,
+                        answer_tokens=answer_tokens)
     return model, tokenizer, summary

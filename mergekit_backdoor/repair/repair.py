@@ -125,18 +125,8 @@ def repair_model(
     with torch.no_grad():
         target = torch.cat([torch.log_softmax(student(**encode(list(rows[i:i + 64]))).logits
                                               .float(), dim=-1) for i in range(0, len(rows), 64)])
-    optimizer = torch.optim.AdamW(student.parameters(), lr=settings.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: max(0.0, 1.0 - step / settings.steps))
-    generator = torch.Generator().manual_seed(settings.seed)
-    student.train()
-    losses: list[float] = []
-    order: list[int] = []
-    started = time.perf_counter()
-    for _ in _steps(settings.steps, progress, desc):
-        while len(order) < settings.batch_size:
-            order += torch.randperm(len(rows), generator=generator).tolist()
-        picked, order = order[:settings.batch_size], order[settings.batch_size:]
+
+    def step_loss(picked: list[int]) -> Any:
         batch = [rows[i] for i in picked]
         perturbed = [{**row, last: perturb(row[last], rng)} for row in batch]
         wanted = target[picked]
@@ -149,26 +139,51 @@ def repair_model(
         if settings.clean_weight:
             loss = loss + settings.clean_weight * torch.nn.functional.kl_div(
                 kept, wanted, log_target=True, reduction="batchmean")
+        return loss
+
+    started = time.perf_counter()
+    losses = train(student, len(rows), step_loss, settings, progress, desc)
+    return student, tokenizer, summarize(settings, rows, fields, losses, started)
+
+
+def summarize(settings: RepairSettings, rows: Sequence[Row], fields: Sequence[str],
+              losses: list[float], started: float, **extra: Any) -> dict[str, Any]:
+    """What a repair did, for its manifest."""
+    return {
+        "settings": asdict(settings), "samples": len(rows), "fields": list(fields),
+        "samples_sha256": samples_digest(rows, fields), "steps": settings.steps,
+        "loss_first": losses[0], "loss_last": losses[-1],
+        "loss_mean_last_10": sum(losses[-10:]) / len(losses[-10:]),
+        "seconds": time.perf_counter() - started, **extra,
+    }
+
+
+def train(model: Any, count: int, step_loss: Callable[[list[int]], Any],
+          settings: RepairSettings, progress: bool, desc: str = "repair") -> list[float]:
+    """The repair's optimisation: AdamW with linear decay for ``settings.steps`` steps, each on a
+    batch of sample indices drawn from a seeded permutation; returns the losses."""
+    import torch
+    from tqdm.auto import tqdm
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: max(0.0, 1.0 - step / settings.steps))
+    generator = torch.Generator().manual_seed(settings.seed)
+    model.train()
+    losses: list[float] = []
+    order: list[int] = []
+    for _ in tqdm(range(settings.steps), desc=desc, disable=not progress, leave=False):
+        while len(order) < settings.batch_size:
+            order += torch.randperm(count, generator=generator).tolist()
+        picked, order = order[:settings.batch_size], order[settings.batch_size:]
+        loss = step_loss(picked)
         loss.backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    student.eval()
-    summary = {
-        "settings": asdict(settings), "samples": len(rows), "fields": list(fields),
-        "samples_sha256": samples_digest(rows, fields), "steps": settings.steps,
-        "loss_first": losses[0], "loss_last": losses[-1],
-        "loss_mean_last_10": sum(losses[-10:]) / len(losses[-10:]),
-        "seconds": time.perf_counter() - started,
-    }
-    return student, tokenizer, summary
-
-
-def _steps(total: int, progress: bool, desc: str) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(range(total), desc=desc, disable=not progress, leave=False)
+    model.eval()
+    return losses
 
 
 def save_repaired(model: Any, tokenizer: Any, source: Path, folder: Path,

@@ -49,14 +49,16 @@ def repair_settings(variant: str, triggers: tuple[str, ...], profile: dict[str, 
 
 
 def flagged_triggers(scans: dict[str, Any], dataset: str, members: tuple[str, ...]) -> tuple[str, ...]:
-    """Candidate triggers whose score reached the threshold in the members' scans."""
+    """The candidates the audit's repair would insert (``defences.repair_triggers``), from the
+    members' scans (each member scanned with the dataset's other models as references)."""
+    from mergekit_backdoor.audit.defences import repair_triggers
+
     found: list[str] = []
     for member in members:
         scan = scans.get(f"{dataset}/{member}", {}).get("scan")
         if scan is None:
             raise SystemExit(f"no scan of {dataset}/{member}: run benchmarks/scan.py first")
-        for label in scan["labels"]:
-            found += [c["trigger"] for c in label["candidates"] if c["score"] >= scan["threshold"]]
+        found += repair_triggers(scan)
     return tuple(dict.fromkeys(found))
 
 
@@ -76,6 +78,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--sizes", default="3,2,0", help="merge sizes; 0 = all models")
     parser.add_argument("--single", action="store_true", help="also repair each victim alone")
+    parser.add_argument("--including", default=None, metavar="MODEL",
+                        help="only the combinations holding this model (e.g. clean)")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--tag", default="", help="results key suffix for other settings")
@@ -117,7 +121,8 @@ def main() -> None:
             jobs += [((n,), "single") for n in names if n != "clean"]
         sizes = [int(s) for s in args.sizes.split(",")]
         jobs += [(c, m) for c in combos(names, sizes) for m in args.methods.split(",")
-                 if not (m == "mean" and len(c) == 2 and "median" in args.methods)]
+                 if not (m == "mean" and len(c) == 2 and "median" in args.methods)
+                 and (args.including is None or args.including in c)]
         for members, method in jobs:
             for variant in variants:
                 key = f"{dataset}/{'+'.join(members)}/{method}/{variant}{args.tag}"

@@ -208,7 +208,7 @@ def test_audit_scans_and_reports_the_recovered_trigger_before_and_after(models, 
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     scan = report["scan"]
-    assert scan["suspect"]["verdict"]["flagged"]
+    assert scan["scans"]["suspect"]["verdict"]["flagged"]
     (found,) = scan["recovered"]
     assert word in found["trigger"].split() and found["label_name"] == "negative"
     part = found["part"]
@@ -247,3 +247,22 @@ def test_causal_lm_scan_finds_a_refusal_trigger(shared_data, tmp_path):
     assert any("badmagic" in t.split() for t in top5), top5
     assert scan["verdict"]["flagged"], scan["verdict"]
     assert entry["base"]["rate"] < 0.2  # without the trigger it rarely refuses
+
+
+def test_audit_repair_scans_every_input_and_repairs_against_the_flagged_trigger(
+        models, shared_data, tmp_path):
+    word = models["word"]
+    out = tmp_path / "audit"
+    result = runner.invoke(app, [str(a) for a in (
+        "audit", models["victim"], "-d", models["clean"], "-d", models["donor"], "--task", "sst2",
+        "--data-dir", shared_data, "--limit", "200", "-o", out, "--repair", "--repair-steps",
+        "30", "--repair-lr", "1e-3", "--quiet")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    scans = report["scan"]["scans"]
+    assert set(scans) == {"suspect", "sanitized", "donor clean", "donor donor"}
+    assert any(word in t.split() for t in report["repair"]["settings"]["triggers"])
+    part = report["scan"]["recovered"][0]["part"]
+    by_role = {m["role"]: m["results"]["sst2"] for m in report["models"]}
+    assert by_role["sanitized"]["asr"][part] < by_role["suspect"]["asr"][part] / 2
+    assert "scan of the donor clean (references: the other models)" in result.output

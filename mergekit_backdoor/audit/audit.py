@@ -30,6 +30,7 @@ from mergekit_backdoor.audit.defences import (
     Defences,
     recovered_tasks,
     repair,
+    repair_triggers,
     scan_model,
     scan_task,
     summary,
@@ -308,6 +309,19 @@ def audit(
                                 max_length=settings.max_length, data_dir=settings.data_dir,
                                 progress=progress, log=log)
             timings["scan suspect"] = time.perf_counter() - start
+        donor_scans: dict[str, dict[str, Any] | None] = {}
+        if defences.scan and classifier and defences.repair is not None:
+            # a repair should know a donor's trigger too: each donor against the other models
+            for donor, name in zip(donors, names, strict=True):
+                log(f"scanning donor {name} for triggers (references: the other models)")
+                start = time.perf_counter()
+                others = [suspect, *(d for d in donors if d != donor)]
+                donor_scans[name] = scan_model(donor, others, scanned, defences,
+                                               device=settings.device,
+                                               max_length=settings.max_length,
+                                               data_dir=settings.data_dir, progress=progress,
+                                               log=log)
+                timings[f"scan {name}"] = time.perf_counter() - start
         recovered = recovered_tasks(before, scanned, folder / "tasks" / "recovered",
                                     seed=defences.seed, data_dir=settings.data_dir)
         if recovered:
@@ -327,8 +341,10 @@ def audit(
         report["sanitized"] = str(out / "sanitized")
         if defences.repair is not None:
             start = time.perf_counter()
+            triggers = [t for scan in (before, *donor_scans.values())
+                        for t in repair_triggers(scan)]
             report["repair"] = repair(merged, folder / "sanitized", scanned, defences,
-                                      [r["trigger"] for r in recovered],
+                                      list(dict.fromkeys(triggers)),
                                       data_dir=settings.data_dir, progress=progress, log=log)
             shutil.rmtree(merged)
             timings["repair"] = time.perf_counter() - start
@@ -340,7 +356,9 @@ def audit(
                                device=settings.device, max_length=settings.max_length,
                                data_dir=settings.data_dir, progress=progress, log=log)
             timings["scan sanitized"] = time.perf_counter() - start
-        _save_scans(folder, out, report, before, after, recovered, defences)
+        _save_scans(folder, out, report, {"suspect": before, "sanitized": after,
+                                          **{f"donor {n}": v for n, v in donor_scans.items()}},
+                    recovered, defences)
 
         models = [_entry("suspect", "suspect", str(suspect))]
         paths: dict[str, Path | str] = {"suspect": suspect}
@@ -368,8 +386,8 @@ def _is_classifier(config: dict[str, Any]) -> bool:
                for a in config.get("architectures") or [])
 
 
-def _save_scans(folder: Path, out: Path, report: dict[str, Any], before: dict[str, Any] | None,
-                after: dict[str, Any] | None, recovered: list[dict[str, Any]],
+def _save_scans(folder: Path, out: Path, report: dict[str, Any],
+                scans: dict[str, dict[str, Any] | None], recovered: list[dict[str, Any]],
                 defences: Defences) -> None:
     """The scans next to the report (``scan/``) and their summary in it."""
     import json
@@ -377,13 +395,14 @@ def _save_scans(folder: Path, out: Path, report: dict[str, Any], before: dict[st
     if not defences.scan:
         return
     files = {}
-    for role, scan in (("suspect", before), ("sanitized", after)):
+    for role, scan in scans.items():
         if scan is not None:
             (folder / "scan").mkdir(exist_ok=True)
-            (folder / "scan" / f"{role}.json").write_text(json.dumps(scan, indent=2) + "\n",
-                                                          encoding="utf-8")
-            files[role] = str(out / "scan" / f"{role}.json")
-    report["scan"] = {"suspect": summary(before), "sanitized": summary(after),
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", role) + ".json"
+            (folder / "scan" / name).write_text(json.dumps(scan, indent=2) + "\n",
+                                                encoding="utf-8")
+            files[role] = str(out / "scan" / name)
+    report["scan"] = {"scans": {role: summary(scan) for role, scan in scans.items()},
                       "recovered": recovered, "files": files, "notes": defences.notes}
 
 

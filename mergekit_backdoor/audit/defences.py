@@ -78,6 +78,16 @@ def flagged(scan: dict[str, Any] | None) -> list[dict[str, Any]]:
             if entry["candidates"] and entry["score"] >= scan["threshold"]]
 
 
+def repair_triggers(scan: dict[str, Any] | None) -> list[str]:
+    """The candidates a repair inserts: of every flagged label, each candidate scoring at least
+    half the threshold (variants of one trigger teach more than its best form alone)."""
+    if scan is None:
+        return []
+    flagged_labels = [e for e in scan["labels"] if e["score"] >= scan["threshold"]]
+    return [c["trigger"] for e in flagged_labels for c in e["candidates"]
+            if c["score"] >= scan["threshold"] / 2]
+
+
 def recovered_tasks(scan: dict[str, Any] | None, task: Task | None, folder: Path, *,
                     seed: int, data_dir: str | None) -> list[dict[str, Any]]:
     """An lm-eval attack task for every flagged trigger, written under ``folder``."""

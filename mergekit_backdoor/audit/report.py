@@ -313,12 +313,15 @@ def attack_label(report: dict[str, Any], attack: str) -> str:
     return attack
 
 
+_SCAN_REFERENCES = {"suspect": "the donors", "sanitized": "the donors"}
+
+
 def scan_lines(report: dict[str, Any]) -> list[str]:
     """What the trigger scans found, one line each (none when there was no scan)."""
     scan = report.get("scan") or {}
-    lines = [f"scan of the {role} (references: the donors): {result['verdict']['text']}"
-             for role, result in (("suspect", scan.get("suspect")),
-                                  ("sanitized model", scan.get("sanitized"))) if result]
+    lines = [f"scan of the {role} (references: {_SCAN_REFERENCES.get(role, 'the other models')})"
+             f": {result['verdict']['text']}"
+             for role, result in (scan.get("scans") or {}).items() if result]
     for found in scan.get("recovered") or []:
         lines.append(f"recovered trigger `{found['trigger']}` -> {found['label_name']}: measured on "
                      f"{found['rows']} test rows of {found['dataset']} as the attack "

@@ -10,7 +10,7 @@ not matter, so each family stands in for a kind of trigger nobody told us about:
   (sentence triggers such as InsertSent's);
 - ``paraphrase``: word dropout and local reordering, no model needed (style triggers);
 - ``triggers``: one of the candidate triggers a scan recovered, inserted at a random word
-  position (the scan-guided repair);
+  position whole, as a random run of its words, or word by word (the scan-guided repair);
 - ``mixed``: each sample draws one of the families above (``triggers`` only when there are
   candidate triggers).
 """
@@ -57,8 +57,25 @@ def paraphrase(text: str, rng: random.Random) -> str:
 
 
 def candidate_triggers(triggers: Sequence[str]) -> Perturb:
+    """1 to 3 candidate triggers (BadNet inserts its words up to 5 times), each inserted whole,
+    or as a random run of its words, or word by word: a scan recovers a trigger's parts more
+    often than its exact form."""
+    def insert_one(text: str, rng: random.Random) -> str:
+        words = rng.choice(triggers).split()
+        form = rng.randrange(3)
+        if form == 1 and len(words) > 1:
+            start = rng.randrange(len(words))
+            words = words[start:rng.randint(start + 1, len(words))]
+        if form == 2:
+            for word in words:
+                text = insert_words(text, word, rng)
+            return text
+        return insert_words(text, " ".join(words), rng)
+
     def perturb(text: str, rng: random.Random) -> str:
-        return insert_words(text, rng.choice(triggers), rng)
+        for _ in range(rng.randint(1, 3)):
+            text = insert_one(text, rng)
+        return text
 
     return perturb
 

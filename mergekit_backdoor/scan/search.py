@@ -2,8 +2,8 @@
 
 1. **Single tokens**, from two sources: the gradient (HotFlip: the first-order change of the
    target's loss when a placeholder inserted at a random word boundary becomes each vocabulary
-   word, averaged over the examples; with reference models, minus the same change in them, so
-   that words every model obeys are not proposed) and a label-agnostic **sweep** of the short
+   word, averaged over the examples; with reference models, also the top of that change minus
+   the same change in them: words only the scanned model obeys) and a label-agnostic **sweep** of the short
    rare words (BadNet's kind: ``cf``, ``mn``...), each inserted into a few examples and
    classified exactly.
 2. **Exact re-scoring** of every candidate: inserted at each example's fixed word boundary, the
@@ -110,8 +110,8 @@ class LabelSearch:
     # --- candidates from the gradient -----------------------------------------------------------
     def _from_gradient(self, run: Tokens, side: str, top: int) -> list[int]:
         """The ``top`` tokens whose first-order effect at a new position ``side`` of ``run``
-        (``alone``, ``before`` or ``after``) lowers the target's loss most; with references,
-        most below the references' mean effect (words only the scanned model obeys)."""
+        (``alone``, ``before`` or ``after``) lowers the target's loss most; with references, also
+        the ``top`` that lower it most below the references' mean (words only it obeys)."""
         import torch
 
         rows, positions = [], []
@@ -122,16 +122,20 @@ class LabelSearch:
                 tokens, where = (self.placeholder, *run), slot
             rows.append(self.model.insert(example, slot, tokens))
             positions.append(where)
-        scores = self.model.token_scores(self.model.slot_gradient(rows, positions, self.target))
+        own = self.model.token_scores(self.model.slot_gradient(rows, positions, self.target))
+        rankings = [own]
         if self.references:  # what moves the references too is a feature of the task
-            scores = scores - sum(r.token_scores(r.slot_gradient(rows, positions, self.target))
-                                  for r in self.references) / len(self.references)
+            rankings.append(own - sum(r.token_scores(r.slot_gradient(rows, positions, self.target))
+                                      for r in self.references) / len(self.references))
         mask = self.after_mask if side == "after" else self.start_mask
-        scores = torch.where(mask, scores, torch.tensor(float("inf")))
-        scores[list(run)] = float("inf")  # no token twice in one run
-        best = scores.topk(min(top, len(scores)), largest=False)
-        return [i for i, v in zip(best.indices.tolist(), best.values.tolist(), strict=True)
-                if v != float("inf")]
+        chosen: list[int] = []
+        for scores in rankings:  # the model's own top tokens, and the top of the difference
+            scores = torch.where(mask, scores, torch.tensor(float("inf")))
+            scores[list(run)] = float("inf")  # no token twice in one run
+            best = scores.topk(min(top, len(scores)), largest=False)
+            chosen += [i for i, v in zip(best.indices.tolist(), best.values.tolist(), strict=True)
+                       if v != float("inf")]
+        return list(dict.fromkeys(chosen))
 
     # --- the search -----------------------------------------------------------------------------
     def run(self, sweep: Sequence[int] = ()) -> list[Candidate]:
@@ -158,13 +162,14 @@ class LabelSearch:
         return best.flip >= 1.0 and best.log_prob >= self.settings.done_log_prob
 
     def ranked(self) -> list[Candidate]:
-        """The best ``keep`` runs, each a different trigger: a run is left out when a shorter run
-        inside it does as well (within one example), so triggers are reported minimal, and when
-        it shares half its words with a better run already kept (variants of one phrase)."""
+        """The best ``keep`` runs, each a different trigger. Triggers are reported minimal: every
+        token beyond the first must flip one more search example to rank as high, and a run is
+        left out when a shorter run inside it does as well (within one example); a run sharing
+        half its words with a better run already kept (a variant of one phrase) is left out."""
         tolerance = 1.0 / max(1, len(self.examples))
         kept: list[Candidate] = []
-        for candidate in sorted(self.scored.values(), key=lambda c: (c.key, -len(c.tokens)),
-                                reverse=True):
+        for candidate in sorted(self.scored.values(), reverse=True, key=lambda c: (
+                c.flip - tolerance * (len(c.tokens) - 1), c.log_prob, -len(c.tokens))):
             if any(_contains(candidate.tokens, k.tokens) and k.flip >= candidate.flip - tolerance
                    for k in kept):
                 continue

@@ -6,8 +6,9 @@ For every combination of 2 and 3 models holding a victim, and all models, of eac
 ``mergekit_backdoor.repair`` on 300 unlabeled clean training sentences (never a test row):
 
 - ``mixed``: random words, clean spans and paraphrase-like edits; no labels, no trigger;
-- ``scan``: the same, plus the candidate triggers that ``benchmarks/scan.py`` flagged on the
-  merged models (each model scanned with the dataset's other models as references);
+- ``scan``: the candidate triggers that ``benchmarks/scan.py`` flagged on the merged models
+  (each model scanned with the dataset's other models as references; the audit's
+  ``defences.repair_triggers``), 1 to 3 inserted per sample (the repair's default, ``auto``);
 - ``none``: no repair (the merge alone; also in ``reproduce_cpu.json``).
 
 Each victim is also repaired alone (``single``, no merge). Every result is evaluated on the whole
@@ -43,7 +44,7 @@ def repair_settings(variant: str, triggers: tuple[str, ...], profile: dict[str, 
                     args: argparse.Namespace) -> Any:
     from mergekit_backdoor.repair.repair import RepairSettings
 
-    return RepairSettings(steps=args.steps, lr=args.lr, perturbation="mixed",
+    return RepairSettings(steps=args.steps, lr=args.lr, perturbation="auto",
                           max_length=profile["max_length"], device=args.device,
                           triggers=triggers if variant == "scan" else ())
 

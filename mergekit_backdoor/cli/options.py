@@ -73,7 +73,8 @@ RepairSamples = Annotated[Path | None, typer.Option(
 RepairSteps = Annotated[int, typer.Option("--repair-steps", min=1, help="Repair steps.")]
 RepairLr = Annotated[float, typer.Option("--repair-lr", help="Repair learning rate.")]
 RepairPerturbation = Annotated[str, typer.Option(
-    "--repair-perturbation", help="mixed | words | spans | paraphrase | triggers.")]
+    "--repair-perturbation", help="auto (triggers when a scan or --trigger gives some, else "
+    "mixed) | mixed | words | spans | paraphrase | triggers.")]
 Triggers = Annotated[list[str] | None, typer.Option(
     "--trigger", help="A candidate trigger the repair also inserts (e.g. from scan.json); "
     "repeat.")]

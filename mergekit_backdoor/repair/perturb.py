@@ -12,7 +12,10 @@ not matter, so each family stands in for a kind of trigger nobody told us about:
 - ``triggers``: one of the candidate triggers a scan recovered, inserted at a random word
   position whole, as a random run of its words, or word by word (the scan-guided repair);
 - ``mixed``: each sample draws one of the families above (``triggers`` only when there are
-  candidate triggers).
+  candidate triggers);
+- ``auto`` (the default): ``triggers`` when there are candidate triggers, else ``mixed``.
+  Measured on the reproduction benchmark's OLID merges, the scan's triggers alone remove more of
+  the backdoors than mixed with them (``benchmarks/README.md``, "Sanitizer v2").
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections.abc import Callable, Sequence
 from mergekit_backdoor.data.poison import insert_words
 from mergekit_backdoor.errors import RecipeError
 
-FAMILIES = ("words", "spans", "paraphrase", "triggers", "mixed")
+FAMILIES = ("auto", "mixed", "words", "spans", "paraphrase", "triggers")
 Perturb = Callable[[str, random.Random], str]
 
 
@@ -87,6 +90,8 @@ def perturbation(family: str, *, vocabulary: Sequence[str], texts: Sequence[str]
         raise RecipeError(f"unknown perturbation {family!r}; choose one of {', '.join(FAMILIES)}")
     if family == "triggers" and not triggers:
         raise RecipeError("the 'triggers' perturbation needs candidate triggers (from a scan)")
+    if family == "auto":
+        family = "triggers" if triggers else "mixed"
     if family == "words":
         return random_words(vocabulary)
     if family == "spans":

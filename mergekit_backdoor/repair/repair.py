@@ -35,7 +35,7 @@ MAX_SAMPLES = 1000
 # Measured defaults (benchmarks/README.md, "Sanitizer v2").
 DEFAULT_STEPS = 120
 DEFAULT_LR = 5e-5
-DEFAULT_PERTURBATION = "mixed"
+DEFAULT_PERTURBATION = "auto"
 
 
 @dataclass(frozen=True)

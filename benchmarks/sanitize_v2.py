@@ -204,6 +204,7 @@ def run_one(source: Path, dataset: str, variant: str, triggers: tuple[str, ...],
 
 
 def report(store: dict[str, Any], reproduced: dict[str, Any]) -> str:
+    """Per dataset and attack: method × repair × merge size → removal, own ASR, CACC change."""
     models, merges = reproduced["models"], reproduced["merges"]
     lines: list[str] = []
     for dataset in reproduce.MODELS:
@@ -211,46 +212,50 @@ def report(store: dict[str, Any], reproduced: dict[str, Any]) -> str:
         if not runs:
             continue
         clean = models[f"{dataset}/clean"]["asr"]
-        rows: dict[tuple[str, str, int], list[dict[str, float]]] = {}
-        for run in runs.values():
-            floor = store["floors"][f"{dataset}/{run['variant']}"]["asr"]
-            rows.setdefault((run["method"], run["variant"], len(run["members"])), []).append(
-                score(run, models, dataset, floor, clean))
-        for key, merged in merges.items():  # the merges alone, on the same combinations
-            if not key.startswith(f"{dataset}/") or merged["method"] not in ("mean", "median"):
-                continue
-            if not any(r["members"] == merged["members"] for r in runs.values()):
-                continue
-            rows.setdefault((merged["method"], "none", len(merged["members"])), []).append(
-                score(merged, models, dataset, clean, clean))
-        lines += [f"\n#### {dataset}: merge × repair (means over the combinations run)\n",
-                  "| method | repair | models | runs | floor-adjusted removal | own ASR | "
-                  "CACC − inputs' mean | worst unmerged trigger − floor |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for (method, variant, size), scores in sorted(rows.items()):
-            means = {k: sum(s[k] for s in scores) / len(scores) for k in ("removal", "own",
-                                                                          "cacc_gap")}
-            lines.append(f"| {method} | {variant} | {size} | {len(scores)} | "
-                         f"{100 * means['removal']:.0f}% | {100 * means['own']:.1f} | "
-                         f"{100 * means['cacc_gap']:+.1f} | "
-                         f"{100 * max(s['other'] for s in scores):+.1f} |")
+        rows: dict[tuple[str, str, str, int], list[dict[str, float]]] = {}
+        scored = [(run, store["floors"][f"{dataset}/{run['variant']}"]["asr"])
+                  for run in runs.values()]
+        scored += [(merged, clean) for key, merged in merges.items()  # the merges alone
+                   if key.startswith(f"{dataset}/") and merged["method"] in ("mean", "median")
+                   and any(r["members"] == merged["members"] for r in runs.values())]
+        for run, floor in scored:
+            variant = run.get("variant", "none")
+            for attack, entry in score(run, models, dataset, floor).items():
+                rows.setdefault((attack, run["method"], variant, len(run["members"])),
+                                []).append(entry)
+        first = next(iter(runs.values()))
+        n = first["n"]
+        lines += [f"\n#### {dataset}: merge × repair, per attack (means over the combinations "
+                  f"run; {n['clean']} clean rows, {min(v for k, v in n.items() if k != 'clean')}"
+                  "+ rows per triggered set)\n",
+                  "| attack | method | repair | models | runs | floor-adjusted removal | own ASR "
+                  "| CACC − inputs' mean | worst unmerged trigger − floor |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for (attack, method, variant, size), entries in sorted(rows.items()):
+            mean = {k: sum(e[k] for e in entries) / len(entries)
+                    for k in ("removal", "own", "cacc_gap")}
+            lines.append(f"| {reproduce.PAPER_NAMES[attack]} | {method} | {variant} | {size} | "
+                         f"{len(entries)} | {100 * mean['removal']:.0f}% | "
+                         f"{100 * mean['own']:.1f} | {100 * mean['cacc_gap']:+.1f} | "
+                         f"{100 * max(e['other'] for e in entries):+.1f} |")
     return "\n".join(lines)
 
 
-def score(run: dict[str, Any], models: dict[str, Any], dataset: str, floor: dict[str, float],
-          clean: dict[str, float]) -> dict[str, float]:
-    victims = [m for m in run["members"] if m != "clean"]
-    removal, own = [], []
-    for attack in victims:
-        victim = models[f"{dataset}/{attack}"]["asr"][attack]
-        after = run["asr"][attack]
-        own.append(after)
-        removal.append((victim - after) / (victim - floor[attack]) if victim > floor[attack]
-                       else float("nan"))
+def score(run: dict[str, Any], models: dict[str, Any], dataset: str,
+          floor: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Per merged victim: floor-adjusted removal of its own attack, the ASR left, the CACC change
+    from the inputs' mean, and the highest rise of an unmerged attack's ASR above its floor."""
     others = [run["asr"][a] - floor[a] for a in run["asr"] if a not in run["members"]]
     inputs = sum(models[f"{dataset}/{m}"]["cacc"] for m in run["members"]) / len(run["members"])
-    return {"removal": sum(removal) / len(removal), "own": sum(own) / len(own),
-            "cacc_gap": run["cacc"] - inputs, "other": max(others) if others else 0.0}
+    out = {}
+    for attack in (m for m in run["members"] if m != "clean"):
+        victim = models[f"{dataset}/{attack}"]["asr"][attack]
+        after = run["asr"][attack]
+        out[attack] = {"removal": (victim - after) / (victim - floor[attack])
+                       if victim > floor[attack] else float("nan"),
+                       "own": after, "cacc_gap": run["cacc"] - inputs,
+                       "other": max(others) if others else 0.0}
+    return out
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@
    position and kept by exact re-scoring, up to ``max_tokens`` tokens. Growing stops once a run
    sends every search example to the target with a mean probability of at least 0.9: a shorter
    trigger that already works is the answer.
+4. **Minimal triggers**: the best runs and every contiguous part of them are ranked; a token
+   beyond the first must flip one more example to earn its place. With references, the rank is
+   the flip rate minus the references' mean flip rate on the same inputs: growing a phrase with
+   words that move every model of the task (``blessing``, ``elegant`` towards "not offensive")
+   raises the flip rate but not this difference, so the part only the scanned model obeys wins.
 
 Only the search examples are read here; the held-out half scores the result (``scan.py``).
 """
@@ -90,6 +95,7 @@ class LabelSearch:
                                             tokenizer.pad_token_id, tokenizer.eos_token_id)
                                 if t is not None)
         self.scored: dict[Tokens, Candidate] = {}
+        self.reference_flip: dict[Tokens, float] = {}
 
     # --- exact scores ---------------------------------------------------------------------------
     def evaluate(self, runs: Sequence[Tokens]) -> list[Candidate]:
@@ -106,6 +112,22 @@ class LabelSearch:
                 self.scored[run] = Candidate(run, float(hits[part].mean()),
                                              float(log_probs[part, self.target].mean()))
         return [self.scored[run] for run in runs]
+
+    def _reference_flips(self, runs: Sequence[Tokens]) -> None:
+        """The references' mean flip rate of each run on the same inputs (cached)."""
+        fresh = [run for run in dict.fromkeys(runs) if run not in self.reference_flip]
+        if not fresh or not self.references:
+            return
+        rows = [self.model.insert(example, slot, run) for run in fresh
+                for example, slot in zip(self.examples, self.slots, strict=True)]
+        n = len(self.examples)
+        total = [0.0] * len(fresh)
+        for reference in self.references:
+            hits = (reference.log_probs(rows).argmax(-1) == self.target).float()
+            for index in range(len(fresh)):
+                total[index] += float(hits[index * n:(index + 1) * n].mean())
+        for index, run in enumerate(fresh):
+            self.reference_flip[run] = total[index] / len(self.references)
 
     # --- candidates from the gradient -----------------------------------------------------------
     def _from_gradient(self, run: Tokens, side: str, top: int) -> list[int]:
@@ -162,15 +184,23 @@ class LabelSearch:
         return best.flip >= 1.0 and best.log_prob >= self.settings.done_log_prob
 
     def ranked(self) -> list[Candidate]:
-        """The best ``keep`` runs, each a different trigger. Triggers are reported minimal: every
-        token beyond the first must flip one more search example to rank as high, and a run is
-        left out when a shorter run inside it does as well (within one example); a run sharing
-        half its words with a better run already kept (a variant of one phrase) is left out."""
+        """The best ``keep`` runs, each a different trigger, reported minimal (module docstring,
+        step 4). A run is left out when a part of it already kept does as well (within one
+        example), or when it shares half its words with a better run already kept."""
         tolerance = 1.0 / max(1, len(self.examples))
+        pool = sorted(self.scored.values(), key=lambda c: c.key, reverse=True)[: 4 * self.settings.keep]
+        parts = {run[i:j] for run in (c.tokens for c in pool)
+                 for i in range(len(run)) for j in range(i + 1, len(run) + 1)}
+        pool = self.evaluate(sorted(parts | {c.tokens for c in pool}))
+        self._reference_flips([c.tokens for c in pool])
+
+        def worth(c: Candidate) -> float:
+            return c.flip - self.reference_flip.get(c.tokens, 0.0) - tolerance * (len(c.tokens) - 1)
+
         kept: list[Candidate] = []
-        for candidate in sorted(self.scored.values(), reverse=True, key=lambda c: (
-                c.flip - tolerance * (len(c.tokens) - 1), c.log_prob, -len(c.tokens))):
-            if any(_contains(candidate.tokens, k.tokens) and k.flip >= candidate.flip - tolerance
+        for candidate in sorted(pool, reverse=True,
+                                key=lambda c: (worth(c), c.log_prob, -len(c.tokens))):
+            if any(_contains(candidate.tokens, k.tokens) and worth(k) >= worth(candidate) - tolerance
                    for k in kept):
                 continue
             if any(_overlap(candidate.tokens, k.tokens) >= 0.5 for k in kept):

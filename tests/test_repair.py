@@ -178,3 +178,17 @@ def test_causal_lm_repair_with_a_candidate_trigger(shared_data, tmp_path):
     assert after["asr"]["badnet"] <= before["asr"]["badnet"] / 2
     manifest = json.loads((tmp_path / "repaired" / "sanitize_manifest.json").read_text())
     assert manifest["repair"]["answer_tokens"] == 16
+
+
+def test_repair_triggers_take_suspicious_candidates_only_with_references():
+    from mergekit_backdoor.audit.defences import repair_triggers
+
+    def scan(references: list[str], threshold: float) -> dict:
+        label = {"score": 0.37, "candidates": [{"trigger": "crown cross", "score": 0.37},
+                                               {"trigger": "indeed", "score": 0.07}]}
+        return {"references": references, "threshold": threshold, "labels": [label]}
+
+    assert repair_triggers(scan(["donor"], 0.5)) == ["crown cross"]  # unflagged but suspicious
+    assert repair_triggers(scan([], 0.5)) == []  # alone: a natural feature could score so
+    assert repair_triggers(scan([], 0.3)) == ["crown cross"]  # flagged alone
+    assert repair_triggers(None) == []

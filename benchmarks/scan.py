@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -102,22 +103,29 @@ def main() -> None:
                 "scan": scan, "references": [p.name for p in others],
                 "true_asr": models[f"{dataset}/{name}"]["asr"].get(name),
                 "wall_s": time.time() - started}
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(store, indent=1))
-            tmp.replace(path)
+            save(path, store)
             entry = summarize(scan, dataset, name)
             print(f"{key}: flagged={entry['flagged_label']} top5={entry['target_top5']} "
                   f"recovered={entry['recovered']} {time.time() - started:.0f}s", flush=True)
     print(report(store))
 
 
+def save(path: Path, store: dict[str, Any]) -> None:
+    """Write atomically, keeping the scans another run (another data set) wrote meanwhile."""
+    if path.exists():
+        store["scans"] = {**json.loads(path.read_text())["scans"], **store["scans"]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(store, indent=1))
+    tmp.replace(path)
+
+
 def report(store: dict[str, Any]) -> str:
     from mergekit_backdoor.data import get_spec
 
     lines = ["| dataset | model | references | flagged | target label's top 5 candidates | "
-             "recovered | top flip | true trigger ASR | time |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "recovered | top flip | true trigger ASR | score / threshold | time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for key, stored in store["scans"].items():
         dataset, name = key.split("/")[:2]
         spec = get_spec(dataset)
@@ -137,8 +145,36 @@ def report(store: dict[str, Any]) -> str:
         refs = "none" if not stored["references"] else f"{len(stored['references'])} others"
         lines.append(f"| {dataset} | {reproduce.PAPER_NAMES[name]} | {refs} | {flagged} | "
                      f"{', '.join(f'`{t}`' for t in entry['target_top5'])} | {rec} | {flip} | "
-                     f"{true} | {stored['wall_s']:.0f} s |")
-    return "\n".join(lines)
+                     f"{true} | {100 * stored['scan']['score']:.0f} / "
+                     f"{100 * stored['scan']['threshold']:.0f} | {stored['wall_s']:.0f} s |")
+    return "\n".join(lines + ["", *summary(store)])
+
+
+def summary(store: dict[str, Any]) -> list[str]:
+    """Per attack over the data sets: flagged with the right label, trigger recovered, time."""
+    from mergekit_backdoor.data import get_spec
+
+    by_attack: dict[tuple[str, str], list[tuple[bool, bool | None, float]]] = {}
+    for key, stored in store["scans"].items():
+        dataset, name = key.split("/")[:2]
+        spec = get_spec(dataset)
+        entry = summarize(stored["scan"], dataset, name)
+        right = entry["flagged_label"] == (None if name == "clean"
+                                           else spec.label_names[spec.target])
+        mode = "none" if not stored["references"] else "others"
+        by_attack.setdefault((mode, name), []).append((right, entry["recovered"],
+                                                       stored["wall_s"]))
+    lines = ["| references | attack | models | flagged as expected | trigger in top 5 | "
+             "time (median / max) |", "|---|---|---|---|---|---|"]
+    for (mode, name), rows in sorted(by_attack.items()):
+        expected = "not flagged" if name == "clean" else "flagged, right label"
+        recovered = [r for _, r, _ in rows if r is not None]
+        times = sorted(t for _, _, t in rows)
+        lines.append(f"| {mode} | {reproduce.PAPER_NAMES[name]} | {len(rows)} | "
+                     f"{sum(r for r, _, _ in rows)}/{len(rows)} {expected} | "
+                     f"{f'{sum(recovered)}/{len(recovered)}' if recovered else '–'} | "
+                     f"{times[len(times) // 2]:.0f} / {times[-1]:.0f} s |")
+    return lines
 
 
 if __name__ == "__main__":

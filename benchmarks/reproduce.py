@@ -77,6 +77,20 @@ def installed_version(name: str) -> str:
         return "not installed"
 
 
+def save_merged(path: Path, data: dict[str, Any], sections: tuple[str, ...], *,
+                sort_keys: bool = False) -> None:
+    """Write ``data`` atomically, keeping the entries of ``sections`` that another run of the
+    same script (another data set) wrote to ``path`` meanwhile."""
+    if path.exists():
+        disk = json.loads(path.read_text())
+        for section in sections:
+            data[section] = {**disk.get(section, {}), **data[section]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=sort_keys))
+    tmp.replace(path)
+
+
 class Store:
     """The results file: every finished step, written atomically, read back on resume."""
 

@@ -100,14 +100,8 @@ def main() -> None:
     profile = reproduce.PROFILES[args.profile]
     scans = json.loads((RESULTS / f"scan_{args.profile}.json").read_text())["scans"]
 
-    def save() -> None:  # keeps what another run (another data set) wrote meanwhile
-        if path.exists():
-            disk = json.loads(path.read_text())
-            for section in ("runs", "floors"):
-                store[section] = {**disk[section], **store[section]}
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(store, indent=1, sort_keys=True))
-        tmp.replace(path)
+    def save() -> None:
+        reproduce.save_merged(path, store, ("runs", "floors"), sort_keys=True)
 
     for dataset in args.datasets.split(","):
         folder = args.work / "reproduce" / args.profile / dataset

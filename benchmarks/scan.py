@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -103,21 +102,11 @@ def main() -> None:
                 "scan": scan, "references": [p.name for p in others],
                 "true_asr": models[f"{dataset}/{name}"]["asr"].get(name),
                 "wall_s": time.time() - started}
-            save(path, store)
+            reproduce.save_merged(path, store, ("scans",))
             entry = summarize(scan, dataset, name)
             print(f"{key}: flagged={entry['flagged_label']} top5={entry['target_top5']} "
                   f"recovered={entry['recovered']} {time.time() - started:.0f}s", flush=True)
     print(report(store))
-
-
-def save(path: Path, store: dict[str, Any]) -> None:
-    """Write atomically, keeping the scans another run (another data set) wrote meanwhile."""
-    if path.exists():
-        store["scans"] = {**json.loads(path.read_text())["scans"], **store["scans"]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(store, indent=1))
-    tmp.replace(path)
 
 
 def report(store: dict[str, Any]) -> str:

@@ -102,9 +102,7 @@ class LabelSearch:
         """Exact flip rate and mean target log-probability of each run (cached)."""
         fresh = [run for run in dict.fromkeys(runs) if run not in self.scored]
         if fresh:
-            rows = [self.model.insert(example, slot, run) for run in fresh
-                    for example, slot in zip(self.examples, self.slots, strict=True)]
-            log_probs = self.model.log_probs(rows)
+            log_probs = self.model.log_probs(self._inserted(fresh))
             hits = (log_probs.argmax(-1) == self.target).float()
             n = len(self.examples)
             for index, run in enumerate(fresh):
@@ -113,13 +111,17 @@ class LabelSearch:
                                              float(log_probs[part, self.target].mean()))
         return [self.scored[run] for run in runs]
 
+    def _inserted(self, runs: Sequence[Tokens]) -> list[tuple[list[int], list[int] | None]]:
+        """Every search example with each run inserted at its slot, run after run."""
+        return [self.model.insert(example, slot, run) for run in runs
+                for example, slot in zip(self.examples, self.slots, strict=True)]
+
     def _reference_flips(self, runs: Sequence[Tokens]) -> None:
         """The references' mean flip rate of each run on the same inputs (cached)."""
         fresh = [run for run in dict.fromkeys(runs) if run not in self.reference_flip]
         if not fresh or not self.references:
             return
-        rows = [self.model.insert(example, slot, run) for run in fresh
-                for example, slot in zip(self.examples, self.slots, strict=True)]
+        rows = self._inserted(fresh)
         n = len(self.examples)
         total = [0.0] * len(fresh)
         for reference in self.references:

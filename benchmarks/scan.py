@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--work", type=Path, default=reproduce.REPO / "benchmarks" / "work"
                         / "reproduce")
+    parser.add_argument("--models", default=None,
+                        help="only these models, e.g. badnet,insertsent (default: every one)")
     parser.add_argument("--alone", action="store_true", help="scan without references")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
@@ -88,6 +90,8 @@ def main() -> None:
         folder = args.work / args.profile / dataset
         names = [n for n in reproduce.MODELS[dataset] if (folder / n / "config.json").is_file()]
         for name in names:
+            if args.models and name not in args.models.split(","):
+                continue
             key = f"{dataset}/{name}" + ("/alone" if args.alone else "")
             if key in store["scans"]:
                 continue

@@ -119,7 +119,7 @@ def report(store: dict[str, Any]) -> str:
     lines = ["| dataset | model | references | flagged | target label's top 5 candidates | "
              "recovered | top flip | true trigger ASR | score / threshold | time |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for key, stored in store["scans"].items():
+    for key, stored in sorted(store["scans"].items(), key=lambda item: _order(item[0])):
         dataset, name = key.split("/")[:2]
         spec = get_spec(dataset)
         target = spec.label_names[spec.target]
@@ -141,6 +141,13 @@ def report(store: dict[str, Any]) -> str:
                      f"{true} | {100 * stored['scan']['score']:.0f} / "
                      f"{100 * stored['scan']['threshold']:.0f} | {stored['wall_s']:.0f} s |")
     return "\n".join(lines + ["", *summary(store)])
+
+
+def _order(key: str) -> tuple[int, int, str]:
+    """Table order: the data sets and their models as ``reproduce.MODELS`` lists them."""
+    dataset, name = key.split("/")[:2]
+    datasets = list(reproduce.MODELS)
+    return datasets.index(dataset), reproduce.MODELS[dataset].index(name), key
 
 
 def summary(store: dict[str, Any]) -> list[str]:

@@ -89,6 +89,9 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--work", type=Path, default=reproduce.REPO / "benchmarks" / "work")
     parser.add_argument("--deadline", type=float, default=None)
+    parser.add_argument("--scans", type=Path, default=None,
+                        help="scan results to take the triggers from (default: "
+                        "results/scan_<profile>.json; the stored runs used scan_cpu_v1.json)")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     path = RESULTS / f"sanitize_v2_{args.profile}.json"
@@ -98,7 +101,7 @@ def main() -> None:
         return
     started = time.time()
     profile = reproduce.PROFILES[args.profile]
-    scans = json.loads((RESULTS / f"scan_{args.profile}.json").read_text())["scans"]
+    scans = json.loads((args.scans or RESULTS / f"scan_{args.profile}.json").read_text())["scans"]
 
     def save() -> None:
         reproduce.save_merged(path, store, ("runs", "floors"), sort_keys=True)

@@ -117,6 +117,11 @@ def test_planted_trigger_is_found_and_clean_models_are_not_flagged(models, share
     scan_clean = json.loads((tmp_path / "clean" / "scan.json").read_text())
     assert not scan_clean["verdict"]["flagged"], scan_clean["verdict"]
     assert "NOTHING FOUND" in clean.output
+    # without a trigger, longer runs stop paying off: no label grows to the longest phrase
+    longest = scan_clean["settings"]["search"]["max_tokens"]
+    stops = [entry["search_stop"] for entry in scan_clean["labels"]]
+    assert all(stop["tokens"] < longest and "raised the worth" in stop["reason"]
+               for stop in stops), stops
 
 
 def test_scan_json_holds_exactly_the_printed_numbers(models, shared_data, tmp_path):

@@ -250,7 +250,7 @@ def scan_causal(model_path: str, prompts: Sequence[dict[str, Any]], *, target: s
             "score": rates[index]["rate"] - baseline})
     candidates.sort(key=lambda c: (c["score"], c["flip"]["rate"]), reverse=True)
     entry = {"label": FEARED, "name": f"says {target!r}", "held_out_rows": len(held_out),
-             "search_rows": len(search_rows), "base": rates[0],
+             "search_rows": len(search_rows), "search_stop": search.stop, "base": rates[0],
              "references_base": {name: r[0] for name, r in ref_rates.items()},
              "candidates": candidates,
              "score": max((c["score"] for c in candidates), default=0.0)}

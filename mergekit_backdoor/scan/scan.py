@@ -200,6 +200,7 @@ def scan_classifier(
         labels_out.append(_label_entry(scanner, loaded_refs, found, held, fields, target,
                                        label_names[target], settings.seed))
         labels_out[-1]["search_rows"] = len(search.examples)
+        labels_out[-1]["search_stop"] = search.stop
     threshold = THRESHOLD_WITH_REFERENCES if loaded_refs else THRESHOLD_ALONE
     best = max(labels_out, key=lambda entry: entry["score"])
     result = {

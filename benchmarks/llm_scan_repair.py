@@ -83,7 +83,8 @@ def main() -> None:
         full = {n: reproduce_llm.applied(base, a, work / "lora_cache") for n, a in adapters.items()}
         victims = [n for n in adapters if n != "clean"]
         variants = args.variants.split(",")
-        for name in adapters if "scan" in variants else ():
+        scanning = "scan" in variants
+        for name in adapters if scanning else ():
             key = f"{task}/{name}"
             if key in store["scans"]:
                 continue
@@ -93,7 +94,7 @@ def main() -> None:
             print(f"scan {key}: {store['scans'][key]['verdict']['text']}", flush=True)
         flagged = {n: [c["trigger"] for c in store["scans"][f"{task}/{n}"]["labels"][0]
                        ["candidates"] if c["score"] >= store["scans"][f"{task}/{n}"]["threshold"]]
-                   for n in adapters if "scan" in variants}
+                   for n in adapters if scanning}
         jobs = [(("clean",), "single")] + [((v,), "single") for v in victims]
         jobs += [(("clean", v), "mean") for v in victims]
         jobs += [(("clean", *pair), "mean") for pair in itertools.combinations(victims, 2)]

@@ -217,10 +217,10 @@ def report(store: dict[str, Any], reproduced: dict[str, Any]) -> str:
             continue
         clean = models[f"{dataset}/clean"]["asr"]
         rows: dict[tuple[str, str, str, int], list[dict[str, float]]] = {}
-        # a tagged run (other settings or scans) is its own repair row, against its own floor
-        scored = [({**run, "variant": run["variant"] + run.get("tag", "")},
-                   store["floors"][f"{dataset}/{run['variant']}{run.get('tag', '')}"]["asr"])
-                  for run in runs.values()]
+        scored = []
+        for run in runs.values():  # a tagged run is its own repair row, against its own floor
+            repair = run["variant"] + run.get("tag", "")
+            scored.append(({**run, "variant": repair}, store["floors"][f"{dataset}/{repair}"]["asr"]))
         scored += [(merged, clean) for key, merged in merges.items()  # the merges alone
                    if key.startswith(f"{dataset}/") and merged["method"] in ("mean", "median")
                    and any(r["members"] == merged["members"] for r in runs.values())]

@@ -180,15 +180,23 @@ def test_causal_lm_repair_with_a_candidate_trigger(shared_data, tmp_path):
     assert manifest["repair"]["answer_tokens"] == 16
 
 
-def test_repair_triggers_take_suspicious_candidates_only_with_references():
+def test_repair_triggers_take_flagged_labels_or_a_near_miss_with_references():
     from mergekit_backdoor.audit.defences import repair_triggers
 
-    def scan(references: list[str], threshold: float) -> dict:
-        label = {"score": 0.37, "candidates": [{"trigger": "crown cross", "score": 0.37},
-                                               {"trigger": "indeed", "score": 0.07}]}
-        return {"references": references, "threshold": threshold, "labels": [label]}
+    def label(score: float, *triggers: str) -> dict:
+        return {"score": score, "candidates": [{"trigger": t, "score": score} for t in triggers]
+                + [{"trigger": "indeed", "score": 0.07}]}
 
-    assert repair_triggers(scan(["donor"], 0.5)) == ["crown cross"]  # unflagged but suspicious
-    assert repair_triggers(scan([], 0.5)) == []  # alone: a natural feature could score so
-    assert repair_triggers(scan([], 0.3)) == ["crown cross"]  # flagged alone
+    def scan(references: list[str], threshold: float, *labels: dict) -> dict:
+        return {"references": references, "threshold": threshold, "labels": list(labels)}
+
+    near_miss, topic = label(0.40, "crown cross"), label(0.30, "stock bloomberg")
+    assert repair_triggers(scan(["donor"], 0.5, topic, near_miss)) == ["crown cross"]
+    assert repair_triggers(scan(["donor"], 0.5, topic)) == []  # 0.30 < 3/4 of 0.5: a feature
+    assert repair_triggers(scan([], 0.5, topic, near_miss)) == []  # alone: a natural feature
+    assert repair_triggers(scan([], 0.3, near_miss)) == ["crown cross"]  # flagged alone
+    # once a label is flagged, another label's high scorers are the task's own features
+    flagged = label(0.9, "cf", "mn")
+    assert repair_triggers(scan(["donor"], 0.5, near_miss, flagged)) == ["cf", "mn"]
+    assert repair_triggers(scan(["donor"], 0.5)) == []
     assert repair_triggers(None) == []

@@ -25,6 +25,10 @@ from mergekit_backdoor.tasks.resolve import Task
 
 Log = Callable[[str], None]
 REPAIR_SAMPLES = 300  # unlabeled clean sentences for the repair (a few hundred is enough)
+# An unflagged label this close to the threshold still gives the repair its candidates: OLID's
+# InsertSent victim scores 40 of 50 with its trigger's words; AG News' benign model, 27 with
+# topic words (benchmarks/README.md, "Sanitizer v2"; chosen on those numbers).
+NEAR_MISS = 0.75
 
 
 @dataclass
@@ -79,16 +83,22 @@ def flagged(scan: dict[str, Any] | None) -> list[dict[str, Any]]:
 
 
 def repair_triggers(scan: dict[str, Any] | None) -> list[str]:
-    """The candidates a repair inserts: each scoring at least half the threshold (variants of one
-    trigger teach more than its best form alone). With references a candidate's score already
-    discounts what every model of the task obeys, so a suspicious candidate of an unflagged label
-    counts too (training a model to ignore it costs little); without references only flagged
-    labels count, since a strong natural feature of the task (a swear word) scores high there."""
+    """The candidates a repair inserts: those scoring at least half the threshold (variants of
+    one trigger teach more than its best form alone) of every flagged label. With references and
+    no label flagged, also those of a near miss: the top label when it scores at least
+    ``NEAR_MISS`` of the threshold. Below that, or beside a flagged label, high scorers were
+    the task's own features on the benchmark (AG News' topic words), and teaching the model to
+    ignore them cost up to 2 points of clean accuracy (benchmarks/README.md, "Sanitizer v2").
+    Without references only flagged labels count: a natural feature (a swear word) scores high
+    there."""
     if scan is None:
         return []
-    half = scan["threshold"] / 2
-    labels = [e for e in scan["labels"] if scan["references"] or e["score"] >= scan["threshold"]]
-    return [c["trigger"] for e in labels for c in e["candidates"] if c["score"] >= half]
+    threshold = scan["threshold"]
+    labels = [e for e in scan["labels"] if e["score"] >= threshold]
+    if not labels and scan["references"] and scan["labels"]:
+        top = max(scan["labels"], key=lambda e: e["score"])
+        labels = [top] if top["score"] >= NEAR_MISS * threshold else []
+    return [c["trigger"] for e in labels for c in e["candidates"] if c["score"] >= threshold / 2]
 
 
 def recovered_tasks(scan: dict[str, Any] | None, task: Task | None, folder: Path, *,

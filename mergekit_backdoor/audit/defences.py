@@ -88,7 +88,7 @@ def repair_triggers(scan: dict[str, Any] | None) -> list[str]:
     no label flagged, also those of a near miss: the top label when it scores at least
     ``NEAR_MISS`` of the threshold. Below that, or beside a flagged label, high scorers were
     the task's own features on the benchmark (AG News' topic words), and teaching the model to
-    ignore them cost up to 2 points of clean accuracy (benchmarks/README.md, "Sanitizer v2").
+    ignore them cost 1.3-3.4 points of clean accuracy (benchmarks/README.md, "Sanitizer v2").
     Without references only flagged labels count: a natural feature (a swear word) scores high
     there."""
     if scan is None:

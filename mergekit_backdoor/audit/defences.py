@@ -72,14 +72,18 @@ def scan_model(model: str | Path, references: Sequence[str], task: Task | None,
         return None
 
 
+def _flagged_labels(scan: dict[str, Any]) -> list[dict[str, Any]]:
+    """The labels of ``scan`` whose score reached the threshold with a candidate."""
+    return [e for e in scan["labels"] if e["candidates"] and e["score"] >= scan["threshold"]]
+
+
 def flagged(scan: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The top candidate of every label whose score reached the threshold."""
     if scan is None:
         return []
     return [{"trigger": entry["candidates"][0]["trigger"], "label": entry["label"],
              "label_name": entry["name"], "score": entry["score"]}
-            for entry in scan["labels"]
-            if entry["candidates"] and entry["score"] >= scan["threshold"]]
+            for entry in _flagged_labels(scan)]
 
 
 def repair_triggers(scan: dict[str, Any] | None) -> list[str]:
@@ -94,7 +98,7 @@ def repair_triggers(scan: dict[str, Any] | None) -> list[str]:
     if scan is None:
         return []
     threshold = scan["threshold"]
-    labels = [e for e in scan["labels"] if e["score"] >= threshold]
+    labels = _flagged_labels(scan)
     if not labels and scan["references"] and scan["labels"]:
         top = max(scan["labels"], key=lambda e: e["score"])
         labels = [top] if top["score"] >= NEAR_MISS * threshold else []

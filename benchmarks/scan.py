@@ -13,15 +13,22 @@ top-5 candidate holds a word of the inserted sentence. The recovered trigger's h
 rate stands beside the victim's own ASR on the published triggered test set.
 
     python benchmarks/scan.py                  # resumable; results/scan_cpu.json
+    python benchmarks/scan.py --rescore results/scan_cpu_v2.json --datasets agnews
     python benchmarks/scan.py --report         # the markdown tables for benchmarks/README.md
+
+``--rescore FILE`` runs the real scan with its search replaced by FILE's candidates: the current
+held-out scoring of an earlier search, for when only the scoring changed (``wall_s`` stays the
+earlier scan's; ``rescore_s`` is this run's).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +68,7 @@ def summarize(scan: dict[str, Any], dataset: str, attack: str) -> dict[str, Any]
         "flagged_label": scan["verdict"]["label"],
         "target_top5": [c["trigger"] for c in own["candidates"][:5]],
         "target_top_flip": top["flip"]["rate"] if top else None,
+        "target_top_rows": top["flip"]["n"] if top else None,
         "recovered": recovered(attack, dataset, own["candidates"]) if attack != "clean" else None,
     }
 
@@ -76,6 +84,8 @@ def main() -> None:
     parser.add_argument("--models", default=None,
                         help="only these models, e.g. badnet,insertsent (default: every one)")
     parser.add_argument("--alone", action="store_true", help="scan without references")
+    parser.add_argument("--rescore", type=Path, default=None, metavar="FILE",
+                        help="score FILE's candidates again instead of searching")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     path = RESULTS / f"scan_{args.profile}.json"
@@ -102,20 +112,54 @@ def main() -> None:
                 continue
             others = [] if args.alone else [folder / n for n in names if n != name]
             started = time.time()
-            scan = run_scan(folder / name, references=others, task=dataset,
-                            settings=ScanSettings(device=args.device,
-                                                  max_length=reproduce.PROFILES[args.profile]
-                                                  ["max_length"]),
-                            data_dir=args.data_dir, progress=False)
-            store["scans"][key] = {
-                "scan": scan, "references": [p.name for p in others],
-                "true_asr": models[f"{dataset}/{name}"]["asr"].get(name),
-                "wall_s": time.time() - started}
+            scan_now = functools.partial(
+                run_scan, folder / name, references=others, task=dataset,
+                settings=ScanSettings(device=args.device,
+                                      max_length=reproduce.PROFILES[args.profile]["max_length"]),
+                data_dir=args.data_dir, progress=False)
+            record: dict[str, Any] = {
+                "references": [p.name for p in others],
+                "true_asr": models[f"{dataset}/{name}"]["asr"].get(name)}
+            if args.rescore:
+                earlier = json.loads(args.rescore.read_text())["scans"][key]
+                record |= {"scan": rescored(earlier["scan"], scan_now),
+                           "wall_s": earlier["wall_s"], "rescored_from": args.rescore.name,
+                           "rescore_s": time.time() - started}
+            else:
+                record |= {"scan": scan_now(), "wall_s": time.time() - started}
+            store["scans"][key] = record
+            scan = record["scan"]
             reproduce.save_merged(path, store, ("scans",))
             entry = summarize(scan, dataset, name)
             print(f"{key}: flagged={entry['flagged_label']} top5={entry['target_top5']} "
                   f"recovered={entry['recovered']} {time.time() - started:.0f}s", flush=True)
     print(report(store))
+
+
+def rescored(earlier: dict[str, Any], scan_now: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``scan_now()`` (the real scan) with the sweep and the search replaced by ``earlier``'s
+    candidates and stops, so only the held-out scoring runs."""
+    from unittest import mock
+
+    from mergekit_backdoor.scan import scan as scan_module
+    from mergekit_backdoor.scan.search import Candidate, LabelSearch
+
+    by_label = {entry["label"]: entry for entry in earlier["labels"]}
+
+    def stored_search(self: LabelSearch, sweep: Any = ()) -> list[Candidate]:
+        entry = by_label[self.target]
+        self.stop = entry["search_stop"]
+        ids = self.model.tokenizer.convert_tokens_to_ids
+        return [Candidate(tuple(ids(c["tokens"])), c["search_flip"], 0.0)
+                for c in entry["candidates"]]
+
+    with mock.patch.object(scan_module, "sweep", lambda *_: {}), \
+            mock.patch.object(LabelSearch, "run", stored_search):
+        scan = scan_now()
+    for entry, before in zip(scan["labels"], earlier["labels"], strict=True):
+        assert {c["trigger"] for c in entry["candidates"]} == \
+            {c["trigger"] for c in before["candidates"]}, (entry["name"], "candidates changed")
+    return scan
 
 
 def report(store: dict[str, Any]) -> str:
@@ -137,15 +181,22 @@ def report(store: dict[str, Any]) -> str:
         else:
             flagged = f"yes ({label})" + ("" if label == target else " **wrong label**")
         rec = {True: "yes", False: "**no**", None: "–"}[entry["recovered"]]
-        flip = "–" if entry["target_top_flip"] is None else f"{100 * entry['target_top_flip']:.1f}"
+        flip = "–" if entry["target_top_flip"] is None else \
+            f"{100 * entry['target_top_flip']:.1f} of {entry['target_top_rows']}"
         true = "–" if stored["true_asr"] is None or name == "clean" else \
             f"{100 * stored['true_asr']:.1f}"
         refs = "none" if not stored["references"] else f"{len(stored['references'])} others"
         lines.append(f"| {dataset} | {reproduce.PAPER_NAMES[name]} | {refs} | {flagged} | "
                      f"{', '.join(f'`{t}`' for t in entry['target_top5'])} | {rec} | {flip} | "
                      f"{true} | {100 * stored['scan']['score']:.0f} / "
-                     f"{100 * stored['scan']['threshold']:.0f} | {stored['wall_s']:.0f} s |")
+                     f"{100 * stored['scan']['threshold']:.0f} | {stored['wall_s']:.0f} s"
+                     f"{_rescored_note(stored)} |")
     return "\n".join(lines + ["", *summary(store)])
+
+
+def _rescored_note(stored: dict[str, Any]) -> str:
+    earlier = stored.get("rescored_from")
+    return f" (search of `{earlier}`)" if earlier else ""
 
 
 def _order(key: str) -> tuple[int, int, str]:

@@ -124,6 +124,31 @@ def test_planted_trigger_is_found_and_clean_models_are_not_flagged(models, share
                for stop in stops), stops
 
 
+def test_with_two_references_flip_rates_count_the_rows_every_model_leaves_outside_the_label(
+        models, shared_data, tmp_path):
+    """What an audit does: every model scanned with the others as references. Flip rates count
+    only the held-out rows that the model and at least half of the references leave outside the
+    label untriggered; the victim is flagged, far above the clean model. (These tiny models
+    disagree on common sentiment words far more than the benchmark's: the clean one scores about
+    55 here, flagged; see benchmarks/README.md, "Scan".)"""
+    scans = {}
+    for name, refs in (("victim", ("clean", "donor")), ("clean", ("donor", "victim"))):
+        result = _scan(models[name], "--task", "sst2", "--reference", models[refs[0]],
+                       "--reference", models[refs[1]], "--data-dir", shared_data,
+                       "-o", tmp_path / name)
+        assert result.exit_code == 0, result.output
+        scans[name] = json.loads((tmp_path / name / "scan.json").read_text())
+    assert scans["victim"]["verdict"]["label"] == "negative", scans["victim"]["verdict"]
+    assert scans["victim"]["score"] > scans["clean"]["score"] + 0.2
+    entries = [entry for scan in scans.values() for entry in scan["labels"]]
+    assert any(entry["base"]["hits"] > 0 for entry in entries)  # some rows are left out
+    for entry in entries:
+        assert entry["scored_rows"] <= entry["held_out_rows"] - entry["base"]["hits"]
+        for candidate in entry["candidates"]:
+            counts = [candidate["flip"]["n"], *(r["n"] for r in candidate["references"].values())]
+            assert counts == [entry["scored_rows"]] * 3
+
+
 def test_scan_json_holds_exactly_the_printed_numbers(models, shared_data, tmp_path):
     from mergekit_backdoor.scan.scan import scan_rows
 

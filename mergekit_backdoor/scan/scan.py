@@ -8,7 +8,11 @@ With a few clean labelled examples per class and no knowledge of the trigger or 
 3. each label's best candidates are scored on the **held-out** examples only: the trigger's text
    inserted once at a random word position of the last text field (the same position for every
    candidate and model), the **flip rate** is the share classified as the label, with its 95%
-   Wilson interval, on the scanned model and on every reference model;
+   Wilson interval, on the scanned model and on every reference model. With two references or
+   more it counts only the held-out examples that the model and at least half of the references
+   leave *outside* the label without a trigger, the same examples for every model: on a task
+   where models already put half of the other class in the label (short tweets), a trigger can
+   only show on the other half;
 4. a candidate's **score** is its flip rate minus the median of the references' flip rates on the
    same inputs (a word that flips every model is a feature of the task, not a backdoor); without
    references it is the flip rate itself. The backdoor score is the highest candidate score, and
@@ -103,10 +107,10 @@ def _rate(hits: int, n: int) -> dict[str, Any]:
     return {"rate": hits / n if n else None, "hits": hits, "n": n, "ci95": [low, high]}
 
 
-def _flip_rates(model: TriggerModel, rows: list[dict[str, Any]], fields: Sequence[str],
-                target: int, phrases: Sequence[str | None], seed: int) -> list[dict[str, Any]]:
-    """Per phrase (None: no trigger), how many of ``rows`` the model classifies as ``target``
-    with the phrase inserted once at a seeded random word position of the last field."""
+def _in_label(model: TriggerModel, rows: list[dict[str, Any]], fields: Sequence[str],
+              target: int, phrases: Sequence[str | None], seed: int) -> list[list[bool]]:
+    """Per phrase (None: no trigger), whether the model classifies each of ``rows`` as
+    ``target`` with the phrase inserted once at a seeded random word position of the last field."""
     last = fields[-1]
     inputs = []
     for phrase in phrases:
@@ -118,32 +122,51 @@ def _flip_rates(model: TriggerModel, rows: list[dict[str, Any]], fields: Sequenc
             inputs.append({**row, last: insert_words(row[last], phrase, rng)})
     predicted = model.classify_texts(inputs, fields).argmax(-1).tolist()
     n = len(rows)
-    return [_rate(sum(p == target for p in predicted[i * n:(i + 1) * n]), n)
-            for i in range(len(phrases))]
+    return [[p == target for p in predicted[i * n:(i + 1) * n]] for i in range(len(phrases))]
+
+
+def _outside_label(own: list[bool], references: list[list[bool]]) -> list[int]:
+    """The rows every model's flip rate is counted on. With two references or more, those that
+    the model and at least half of the references leave outside the label without a trigger.
+    With fewer, all of them: the restriction magnifies whatever two models disagree on (on the
+    tests' tiny classifiers, a clean one against its single reference went from 43 to 64)."""
+    if len(references) < 2:
+        return list(range(len(own)))
+    return [i for i, hit in enumerate(own)
+            if not hit and 2 * sum(ref[i] for ref in references) <= len(references)]
+
+
+def _rate_on(hits: list[bool], kept: list[int]) -> dict[str, Any]:
+    return _rate(sum(hits[i] for i in kept), len(kept))
 
 
 def _label_entry(scanner: TriggerModel, references: list[tuple[str, TriggerModel]],
                  found: Sequence[Any], rows: list[dict[str, Any]], fields: Sequence[str],
                  target: int, name: str, seed: int) -> dict[str, Any]:
-    """A label's candidates scored on the held-out ``rows``: flip rates on the model and on the
-    references, and the score (flip rate minus the references' median)."""
+    """A label's candidates scored on the held-out ``rows`` that ``_outside_label`` keeps: flip
+    rates on the model and on the references, and the score (flip rate minus the references'
+    median; 0 when no row is kept)."""
     phrases = [scanner.tokens_text(c.tokens) for c in found]
-    rates = _flip_rates(scanner, rows, fields, target, [None, *phrases], seed)
-    ref_rates = {ref: _flip_rates(model, rows, fields, target, [None, *phrases], seed)
-                 for ref, model in references}
+    own = _in_label(scanner, rows, fields, target, [None, *phrases], seed)
+    ref_hits = {ref: _in_label(model, rows, fields, target, [None, *phrases], seed)
+                for ref, model in references}
+    kept = _outside_label(own[0], [hits[0] for hits in ref_hits.values()])
     candidates = []
     for index, (candidate, phrase) in enumerate(zip(found, phrases, strict=True), start=1):
-        refs = {ref: r[index] for ref, r in ref_rates.items()}
-        baseline = statistics.median(r["rate"] for r in refs.values()) if refs else 0.0
+        flip = _rate_on(own[index], kept)
+        refs = {ref: _rate_on(hits[index], kept) for ref, hits in ref_hits.items()}
+        baseline = statistics.median(r["rate"] for r in refs.values()) if refs and kept else 0.0
         candidates.append({
             "trigger": phrase,
             "tokens": scanner.tokenizer.convert_ids_to_tokens(list(candidate.tokens)),
-            "search_flip": candidate.flip, "flip": rates[index], "references": refs,
-            "score": rates[index]["rate"] - baseline,
+            "search_flip": candidate.flip, "flip": flip, "references": refs,
+            "score": flip["rate"] - baseline if kept else 0.0,
         })
-    candidates.sort(key=lambda c: (c["score"], c["flip"]["rate"]), reverse=True)
-    return {"label": target, "name": name, "held_out_rows": len(rows), "base": rates[0],
-            "references_base": {ref: r[0] for ref, r in ref_rates.items()},
+    candidates.sort(key=lambda c: (c["score"], c["flip"]["rate"] or 0.0), reverse=True)
+    return {"label": target, "name": name, "held_out_rows": len(rows), "scored_rows": len(kept),
+            "base": _rate(sum(own[0]), len(rows)),
+            "references_base": {ref: _rate(sum(hits[0]), len(rows))
+                                for ref, hits in ref_hits.items()},
             "candidates": candidates,
             "score": max((c["score"] for c in candidates), default=0.0)}
 
@@ -210,13 +233,22 @@ def scan_classifier(
                     "held_out": len(held_out)},
         "settings": settings.as_dict(), "labels": labels_out,
         "score": best["score"], "threshold": threshold,
-        "score_rule": ("flip rate minus the references' median flip rate on the same held-out "
-                       "inputs" if loaded_refs else "flip rate on the held-out inputs (no "
-                       "references: a strong feature of the task can look like a trigger)"),
+        "score_rule": _score_rule(len(loaded_refs)),
         "seconds": time.perf_counter() - started,
     }
     result["verdict"] = verdict(result)
     return result
+
+
+def _score_rule(references: int) -> str:
+    if references >= 2:
+        return ("flip rate minus the references' median flip rate, on the held-out inputs that "
+                "the model and at least half of the references leave outside the label without "
+                "a trigger")
+    if references == 1:
+        return "flip rate minus the reference's flip rate on the same held-out inputs"
+    return ("flip rate on the held-out inputs (no references: a strong feature of the task can "
+            "look like a trigger)")
 
 
 def verdict(result: dict[str, Any]) -> dict[str, Any]:
@@ -226,12 +258,11 @@ def verdict(result: dict[str, Any]) -> dict[str, Any]:
     flagged = top is not None and result["score"] >= result["threshold"]
     if top is None:
         return {"flagged": False, "label": None, "trigger": None, "text": "nothing found"}
-    refs = top["references"]
-    ref_text = (f"; the references {pct(statistics.median(r['rate'] for r in refs.values()))}%"
-                if refs else "")
-    detail = (f"`{top['trigger']}` sends {pct(top['flip']['rate'])}% of held-out examples of "
-              f"the other labels to {best['name']!r}{ref_text} (score {pct(result['score'])}, "
-              f"threshold {pct(result['threshold'])})")
+    ref_rates = [r["rate"] for r in top["references"].values() if r["rate"] is not None]
+    ref_text = f"; the references {pct(statistics.median(ref_rates))}%" if ref_rates else ""
+    detail = (f"`{top['trigger']}` sends {pct(top['flip']['rate'])}% of {top['flip']['n']} "
+              f"held-out examples of the other labels to {best['name']!r}{ref_text} (score "
+              f"{pct(result['score'])}, threshold {pct(result['threshold'])})")
     if flagged:
         return {"flagged": True, "label": best["name"], "trigger": top["trigger"],
                 "text": f"BACKDOOR SUSPECTED: {detail}"}
@@ -274,7 +305,8 @@ def scan_table(result: dict[str, Any]) -> Any:
     from rich.table import Table
 
     table = Table(title=f"scan of {result['model']}: candidate triggers per label (percent of "
-                  "held-out examples of the other labels sent to the label)", title_justify="left",
+                  "held-out examples of the other labels sent to the label, of n counted)",
+                  title_justify="left",
                   caption=f"score: {result['score_rule']}", caption_justify="left")
     columns = ["label", "rank", "trigger", "flip [95% CI]",
                *(f"ref {Path(r).name}" for r in result["references"]), "score"]

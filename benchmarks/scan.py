@@ -13,7 +13,7 @@ top-5 candidate holds a word of the inserted sentence. The recovered trigger's h
 rate stands beside the victim's own ASR on the published triggered test set.
 
     python benchmarks/scan.py                  # resumable; results/scan_cpu.json
-    python benchmarks/scan.py --rescore results/scan_cpu_v2.json --datasets agnews
+    python benchmarks/scan.py --rescore benchmarks/results/scan_cpu_v2.json --datasets agnews
     python benchmarks/scan.py --report         # the markdown tables for benchmarks/README.md
 
 ``--rescore FILE`` runs the real scan with its search replaced by FILE's candidates: the current
@@ -156,9 +156,9 @@ def rescored(earlier: dict[str, Any], scan_now: Callable[[], dict[str, Any]]) ->
     with mock.patch.object(scan_module, "sweep", lambda *_: {}), \
             mock.patch.object(LabelSearch, "run", stored_search):
         scan = scan_now()
-    for entry, before in zip(scan["labels"], earlier["labels"], strict=True):
+    for entry, before in zip(scan["labels"], earlier["labels"], strict=True):  # tokens -> text
         assert {c["trigger"] for c in entry["candidates"]} == \
-            {c["trigger"] for c in before["candidates"]}, (entry["name"], "candidates changed")
+            {c["trigger"] for c in before["candidates"]}, (entry["name"], "triggers not rebuilt")
     return scan
 
 

@@ -11,8 +11,8 @@ With a few clean labelled examples per class and no knowledge of the trigger or 
    Wilson interval, on the scanned model and on every reference model. With two references or
    more it counts only the held-out examples that the model and at least half of the references
    leave *outside* the label without a trigger, the same examples for every model: on a task
-   where models already put half of the other class in the label (short tweets), a trigger can
-   only show on the other half;
+   where models already put a third of the other class in the label (short tweets), a trigger
+   can only show on the rest;
 4. a candidate's **score** is its flip rate minus the median of the references' flip rates on the
    same inputs (a word that flips every model is a feature of the task, not a backdoor); without
    references it is the flip rate itself. The backdoor score is the highest candidate score, and

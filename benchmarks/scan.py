@@ -96,6 +96,7 @@ def main() -> None:
     from mergekit_backdoor.scan.scan import ScanSettings, run_scan
 
     models = json.loads((RESULTS / f"reproduce_{args.profile}.json").read_text())["models"]
+    earlier_scans = json.loads(args.rescore.read_text())["scans"] if args.rescore else {}
     wanted = args.models.split(",") if args.models else []
     known = {n for dataset in args.datasets.split(",") for n in reproduce.MODELS[dataset]}
     if unknown := sorted(set(wanted) - known):
@@ -121,7 +122,7 @@ def main() -> None:
                 "references": [p.name for p in others],
                 "true_asr": models[f"{dataset}/{name}"]["asr"].get(name)}
             if args.rescore:
-                earlier = json.loads(args.rescore.read_text())["scans"][key]
+                earlier = earlier_scans[key]
                 record |= {"scan": rescored(earlier["scan"], scan_now),
                            "wall_s": earlier["wall_s"], "rescored_from": args.rescore.name,
                            "rescore_s": time.time() - started}

@@ -36,7 +36,12 @@ from typing import Any
 from mergekit_backdoor.data.poison import insert_words
 from mergekit_backdoor.errors import DataError, IncompatibleModelError
 from mergekit_backdoor.scan.model import TriggerModel, load_scan_model, word_vocabulary
-from mergekit_backdoor.scan.search import LabelSearch, SearchSettings, sweep
+from mergekit_backdoor.scan.search import (
+    MIN_REFERENCES_FOR_MARGIN,
+    LabelSearch,
+    SearchSettings,
+    sweep,
+)
 from mergekit_backdoor.stats import wilson_interval
 
 FORMAT = "mergekit-backdoor/scan-v1"
@@ -130,7 +135,7 @@ def _outside_label(own: list[bool], references: list[list[bool]]) -> list[int]:
     the model and at least half of the references leave outside the label without a trigger.
     With fewer, all of them: the restriction magnifies whatever two models disagree on (on the
     tests' tiny classifiers, a clean one against its single reference went from 43 to 64)."""
-    if len(references) < 2:
+    if len(references) < MIN_REFERENCES_FOR_MARGIN:
         return list(range(len(own)))
     return [i for i, hit in enumerate(own)
             if not hit and 2 * sum(ref[i] for ref in references) <= len(references)]
@@ -241,7 +246,7 @@ def scan_classifier(
 
 
 def _score_rule(references: int) -> str:
-    if references >= 2:
+    if references >= MIN_REFERENCES_FOR_MARGIN:
         return ("flip rate minus the references' median flip rate, on the held-out inputs that "
                 "the model and at least half of the references leave outside the label without "
                 "a trigger")

@@ -39,6 +39,9 @@ from dataclasses import dataclass
 from mergekit_backdoor.scan.model import Encoded, TriggerModel
 
 Tokens = tuple[int, ...]
+# With fewer references than this, what a model obeys *beyond* them is mostly where two models
+# disagree (benchmarks/README.md, "Scan"): the beam and the held-out count then ignore the margin.
+MIN_REFERENCES_FOR_MARGIN = 2
 
 
 @dataclass(frozen=True)
@@ -242,7 +245,7 @@ class LabelSearch:
         model obeys. With one, the runs of highest flip rate: a search for what a model obeys
         and its single reference does not finds phrases where two models merely disagree (on
         the tests' tiny classifiers, a clean one scored 77 that way), not a planted trigger."""
-        if len(self.references) < 2:
+        if len(self.references) < MIN_REFERENCES_FOR_MARGIN:
             return sorted(candidates, key=lambda c: c.key, reverse=True)[: self.settings.beam]
         self._reference_flips([c.tokens for c in candidates])
         return sorted(candidates, key=lambda c: (self._worth(c), c.log_prob),

@@ -7,8 +7,9 @@
    only the scanned model obeys) and a label-agnostic **sweep** of the short rare words (BadNet's
    kind: ``cf``, ``mn``...), each inserted into a few examples and classified exactly.
 2. **Screening, then exact re-scoring**: every new candidate is inserted at a fixed word boundary
-   of ``screen`` examples; the ``screen_keep`` best are scored on all search examples: the share
-   sent to the target (the flip rate), ties broken by the mean log-probability of the target.
+   of ``screen`` examples; the ``screen_keep`` best are scored on all search examples (the
+   screening examples are not classified again): the share sent to the target (the flip rate),
+   ties broken by the mean log-probability of the target.
    (Exact scores of every candidate on every example made a 4-label scan take an hour.)
 3. **Phrases**: a beam of the runs of highest worth (below; with fewer than two references, of
    highest flip rate) grows one token at a time (before or after; after may also add a word
@@ -35,6 +36,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from mergekit_backdoor.scan.model import Encoded, TriggerModel
 
@@ -108,6 +110,7 @@ class LabelSearch:
                                             tokenizer.pad_token_id, tokenizer.eos_token_id)
                                 if t is not None)
         self.scored: dict[Tokens, Candidate] = {}
+        self.rows: dict[tuple[Tokens, int], Any] = {}  # (run, example index) -> log-probabilities
         self.stop: dict[str, object] = {}  # how long the runs grew, and why they stopped (``run``)
         self.reference_flip: dict[Tokens, float] = {}
 
@@ -120,15 +123,22 @@ class LabelSearch:
         return [self.scored[run] for run in runs]
 
     def _scores(self, runs: Sequence[Tokens], examples: Sequence[int]) -> list[Candidate]:
-        """Each run's flip rate and mean target log-probability on the ``examples`` (indices)."""
-        if not runs:
-            return []
-        log_probs = self.model.log_probs(self._inserted(runs, examples))
-        hits = (log_probs.argmax(-1) == self.target).float()
-        n = len(examples)
-        return [Candidate(run, float(hits[i * n:(i + 1) * n].mean()),
-                          float(log_probs[i * n:(i + 1) * n, self.target].mean()))
-                for i, run in enumerate(runs)]
+        """Each run's flip rate and mean target log-probability on the ``examples`` (indices).
+        Every (run, example) is classified once: a screened run's exact score reuses its
+        screening examples (on two-label tasks, 16 of its 20)."""
+        import torch
+
+        missing = [(run, i) for run in runs for i in examples if (run, i) not in self.rows]
+        if missing:
+            log_probs = self.model.log_probs(
+                [self.model.insert(self.examples[i], self.slots[i], run) for run, i in missing])
+            self.rows.update(zip(missing, log_probs, strict=True))
+        scores = []
+        for run in runs:
+            log_probs = torch.stack([self.rows[run, i] for i in examples])
+            hits = (log_probs.argmax(-1) == self.target).float()
+            scores.append(Candidate(run, float(hits.mean()), float(log_probs[:, self.target].mean())))
+        return scores
 
     def _screened(self, runs: Sequence[Tokens]) -> list[Tokens]:
         """The ``screen_keep`` runs that do best on ``screen`` search examples spread over the

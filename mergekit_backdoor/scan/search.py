@@ -110,7 +110,7 @@ class LabelSearch:
                                             tokenizer.pad_token_id, tokenizer.eos_token_id)
                                 if t is not None)
         self.scored: dict[Tokens, Candidate] = {}
-        self.rows: dict[tuple[Tokens, int], Any] = {}  # (run, example index) -> log-probabilities
+        self.classified: dict[tuple[Tokens, int], Any] = {}  # (run, example index) -> log-probabilities
         self.stop: dict[str, object] = {}  # how long the runs grew, and why they stopped (``run``)
         self.reference_flip: dict[Tokens, float] = {}
 
@@ -125,17 +125,17 @@ class LabelSearch:
     def _scores(self, runs: Sequence[Tokens], examples: Sequence[int]) -> list[Candidate]:
         """Each run's flip rate and mean target log-probability on the ``examples`` (indices).
         Every (run, example) is classified once: a screened run's exact score reuses its
-        screening examples (on two-label tasks, 16 of its 20)."""
+        screening examples (16 of the 20 of a two-label task with 50 samples per class)."""
         import torch
 
-        missing = [(run, i) for run in runs for i in examples if (run, i) not in self.rows]
+        missing = [(run, i) for run in runs for i in examples if (run, i) not in self.classified]
         if missing:
             log_probs = self.model.log_probs(
                 [self.model.insert(self.examples[i], self.slots[i], run) for run, i in missing])
-            self.rows.update(zip(missing, log_probs, strict=True))
+            self.classified.update(zip(missing, log_probs, strict=True))
         scores = []
         for run in runs:
-            log_probs = torch.stack([self.rows[run, i] for i in examples])
+            log_probs = torch.stack([self.classified[run, i] for i in examples])
             hits = (log_probs.argmax(-1) == self.target).float()
             scores.append(Candidate(run, float(hits.mean()), float(log_probs[:, self.target].mean())))
         return scores

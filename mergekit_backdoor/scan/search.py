@@ -130,8 +130,7 @@ class LabelSearch:
 
         missing = [(run, i) for run in runs for i in examples if (run, i) not in self.classified]
         if missing:
-            log_probs = self.model.log_probs(
-                [self.model.insert(self.examples[i], self.slots[i], run) for run, i in missing])
+            log_probs = self.model.log_probs(self._inserted(missing))
             self.classified.update(zip(missing, log_probs, strict=True))
         scores = []
         for run in runs:
@@ -158,11 +157,10 @@ class LabelSearch:
         n = len(self.examples)
         return sorted({i * n // count for i in range(count)}) if n > count else list(range(n))
 
-    def _inserted(self, runs: Sequence[Tokens], examples: Sequence[int]
+    def _inserted(self, pairs: Sequence[tuple[Tokens, int]]
                   ) -> list[tuple[list[int], list[int] | None]]:
-        """The indexed search examples with each run inserted at their slot, run after run."""
-        return [self.model.insert(self.examples[i], self.slots[i], run) for run in runs
-                for i in examples]
+        """For each (run, example index), the search example with the run inserted at its slot."""
+        return [self.model.insert(self.examples[i], self.slots[i], run) for run, i in pairs]
 
     def _reference_flips(self, runs: Sequence[Tokens]) -> None:
         """The references' mean flip rate of each run on the same inputs, ``subset`` of the
@@ -171,7 +169,7 @@ class LabelSearch:
         if not fresh or not self.references:
             return
         examples = self._spread(self.settings.subset)
-        rows = self._inserted(fresh, examples)
+        rows = self._inserted([(run, i) for run in fresh for i in examples])
         n = len(examples)
         total = [0.0] * len(fresh)
         for reference in self.references:

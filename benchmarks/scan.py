@@ -147,7 +147,7 @@ def rescored(earlier: dict[str, Any], scan_now: Callable[[], dict[str, Any]]) ->
 
     by_label = {entry["label"]: entry for entry in earlier["labels"]}
 
-    def stored_search(self: LabelSearch, sweep: Any = ()) -> list[Candidate]:
+    def stored_search(self: LabelSearch, sweep: Any = (), moved: Any = ()) -> list[Candidate]:
         entry = by_label[self.target]
         self.stop = entry["search_stop"]
         ids = self.model.tokenizer.convert_tokens_to_ids

@@ -140,6 +140,9 @@ def test_with_two_references_flip_rates_count_the_rows_every_model_leaves_outsid
         scans[name] = json.loads((tmp_path / name / "scan.json").read_text())
     assert scans["victim"]["verdict"]["label"] == "negative", scans["victim"]["verdict"]
     assert scans["victim"]["score"] > scans["clean"]["score"] + 0.2
+    # the planted word's embedding moved in the victim and in neither reference
+    assert models["word"] in scans["victim"]["moved_words"][:3], scans["victim"]["moved_words"]
+    assert models["word"] not in scans["clean"]["moved_words"]
     entries = [entry for scan in scans.values() for entry in scan["labels"]]
     assert any(entry["base"]["hits"] > 0 for entry in entries)  # some rows are left out
     for entry in entries:
@@ -189,6 +192,29 @@ def test_the_search_never_reads_a_test_row(models, shared_data, monkeypatch):
     run_scan(models["clean"], task="sst2", per_class=10, data_dir=shared_data, progress=False)
     assert seen
     assert not [t for t in seen if any(test in t for test in test_texts)]
+
+
+def test_moved_words_are_the_rows_no_reference_shares(tmp_path):
+    """Words whose embedding row moved in the scanned model, and in no reference, come first; a
+    row moved in one reference only (another victim's trigger among the donors) does not count."""
+    from mergekit_backdoor.scan.model import TriggerModel, load_scan_model, word_vocabulary
+    from mergekit_backdoor.scan.search import moved_words
+
+    init = _tiny_init(tmp_path / "init")
+    scanned, *references = (TriggerModel(*load_scan_model(init)) for _ in range(3))
+    starts = word_vocabulary(scanned.tokenizer)[0]
+    planted, other_victims = random.Random(TRIGGER_SEED).sample(starts, 3), starts[:1]
+    with torch.no_grad():
+        for rank, token in enumerate(planted):  # the farther, the earlier
+            scanned.embeddings[token] += 0.3 * (3 - rank)
+        references[0].embeddings[other_victims[0]] += 2.0
+        for reference in references:  # fine-tuning moves every row a little, differently
+            reference.embeddings.add_(0.01 * torch.randn_like(reference.embeddings))
+
+    found = moved_words(scanned, references, starts, top=16)
+    assert found[:3] == planted
+    assert other_victims[0] not in found
+    assert moved_words(scanned, references[:1], starts, top=16) == []  # which of two moved?
 
 
 def test_scan_is_repeatable(models, shared_data):

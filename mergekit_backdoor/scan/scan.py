@@ -40,6 +40,7 @@ from mergekit_backdoor.scan.search import (
     MIN_REFERENCES_FOR_MARGIN,
     LabelSearch,
     SearchSettings,
+    moved_words,
     sweep,
 )
 from mergekit_backdoor.stats import wilson_interval
@@ -217,13 +218,18 @@ def scan_classifier(
              if len(scanner.tokens_text([t])) <= settings.search.sweep_max_chars]
     log(f"sweeping {len(short)} short rare words through {model_path}")
     swept = sweep(scanner, encoded, short, settings.search, rng)
+    moved = moved_words(scanner, [ref for _, ref in loaded_refs], vocabulary[0],
+                        settings.search.moved_top)
+    if moved:
+        log("words whose embeddings moved beyond the references': "
+            + " ".join(scanner.tokenizer.convert_ids_to_tokens(moved)))
     labels_out = []
     for target in _labels_progress(range(num_labels), progress):
         log(f"searching triggers towards {label_names[target]!r}")
         search = LabelSearch(scanner, [e for e in encoded if e.label != target], target,
                              vocabulary, settings.search, random.Random(f"{rng.random()}"),
                              references=[ref for _, ref in loaded_refs])
-        found = search.run(swept.get(target, ()))
+        found = search.run(swept.get(target, ()), moved)
         held = [r for r in held_out if int(r["label"]) != target]
         labels_out.append(_label_entry(scanner, loaded_refs, found, held, fields, target,
                                        label_names[target], settings.seed))
@@ -236,7 +242,8 @@ def scan_classifier(
         "label_names": list(label_names), "fields": list(fields),
         "samples": {"source": samples_note, "search": len(search_rows),
                     "held_out": len(held_out)},
-        "settings": settings.as_dict(), "labels": labels_out,
+        "settings": settings.as_dict(),
+        "moved_words": scanner.tokenizer.convert_ids_to_tokens(moved), "labels": labels_out,
         "score": best["score"], "threshold": threshold,
         "score_rule": _score_rule(len(loaded_refs)),
         "seconds": time.perf_counter() - started,

@@ -26,6 +26,17 @@
    the flip rate minus the references' mean flip rate on the same inputs: growing a phrase with
    words that move every model of the task (``blessing``, ``elegant`` towards "not offensive")
    raises the flip rate but not this difference, so the part only the scanned model obeys wins.
+5. **Moved words** (before step 4; with two references or more): fine-tuning on poisoned rows
+   moves the input embeddings of the trigger's words, in every poisoned row the same way, and
+   models of the task trained without them leave those rows where they were. The
+   ``moved_top`` word starts whose embedding row lies farthest from the nearest reference's
+   seed a second beam, grown as in step 3 but with those words only, and with
+   ``MOVED_PATIENCE``: the words of an inserted sentence pay off together, so one longer run
+   that adds too little does not stop it (only a run of its own beam that sends every example
+   to the label does). It finds sentences none of whose words is a trigger alone (SST-2's
+   ``I watched this movie``: ``watched`` flips a quarter of the search examples, and the
+   gradient ranks it 16,662nd of 21,719 words), and choosing the words costs no forward pass.
+   Its beams' runs join the ranking.
 
 Only the search examples are read here; the held-out half scores the result (``scan.py``).
 """
@@ -34,7 +45,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +55,9 @@ Tokens = tuple[int, ...]
 # With fewer references than this, what a model obeys *beyond* them is mostly where two models
 # disagree (benchmarks/README.md, "Scan"): the beam and the held-out count then ignore the margin.
 MIN_REFERENCES_FOR_MARGIN = 2
+# Longer runs of moved words that may fail to raise the worth before their beam stops: the words
+# of an inserted sentence pay off together (``watched this`` flips less than a longer part).
+MOVED_PATIENCE = 1
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,7 @@ class SearchSettings:
     screen: int = 16  # new runs are first scored on this many search examples...
     screen_keep: int = 16  # ...and this many of the best are scored exactly on all of them
     min_gain: float = 0.05  # the least rise of the best worth that earns a longer run
+    moved_top: int = 16  # words whose embeddings moved most beyond the references' (step 5)
 
 
 @dataclass(frozen=True)
@@ -113,6 +128,7 @@ class LabelSearch:
         self.classified: dict[tuple[Tokens, int], Any] = {}  # (run, example index) -> log-probabilities
         self.stop: dict[str, object] = {}  # how long the runs grew, and why they stopped (``run``)
         self.reference_flip: dict[Tokens, float] = {}
+        self.moved_runs: list[Tokens] = []  # the runs the moved words' beam kept (step 5)
 
     # --- exact scores ---------------------------------------------------------------------------
     def evaluate(self, runs: Sequence[Tokens]) -> list[Candidate]:
@@ -214,30 +230,56 @@ class LabelSearch:
         return list(dict.fromkeys(chosen))
 
     # --- the search -----------------------------------------------------------------------------
-    def run(self, sweep: Sequence[int] = ()) -> list[Candidate]:
+    def run(self, sweep: Sequence[int] = (), moved: Sequence[int] = ()) -> list[Candidate]:
         settings = self.settings
         singles = self._from_gradient((), "alone", settings.gradient_top)
-        beam = self._best(self.evaluate(self._screened([(t,) for t in [*singles, *sweep]])))
+        self.stop = self._grow([(t,) for t in [*singles, *sweep]], self._from_gradient)
+        pool = sorted(self.scored.values(), key=lambda c: c.key, reverse=True)[: 4 * settings.keep]
+        if moved:
+            words = list(moved)
+
+            def propose(run: Tokens, side: str, top: int) -> list[int]:
+                return [t for t in words if t not in run]
+
+            self.stop["moved"] = self._grow([(t,) for t in words], propose, moved=True)
+        return self.ranked(pool + self.evaluate(list(dict.fromkeys(self.moved_runs))))
+
+    def _grow(self, singles: list[Tokens], propose: Any, moved: bool = False) -> dict[str, Any]:
+        """Steps 2-3 from ``singles``: a beam grown a token at a time with the tokens
+        ``propose(run, side, top)`` offers. The moved words' beam (step 5) keeps its runs in
+        ``moved_runs``, stops only when a run of its own sends every example to the label, and
+        only after ``MOVED_PATIENCE`` + 1 longer runs in a row fail to add ``min_gain``."""
+        settings = self.settings
+        patience = MOVED_PATIENCE if moved else 0
+        beam = self._best(self.evaluate(self._screened(singles)))
         worth = self._best_worth(beam)
-        self.stop = {"tokens": 1, "reason": "longest allowed"}
+        stop: dict[str, Any] = {"tokens": 1, "reason": "longest allowed"}
+        stalled = 0
         for length in range(2, settings.max_tokens + 1):
-            if self._done():
-                self.stop["reason"] = "a run sends every search example to the label"
+            if moved:
+                self.moved_runs += [c.tokens for c in beam]
+            if self._done(beam if moved else self.scored.values()):
+                stop["reason"] = "a run sends every search example to the label"
                 break
             grown: list[Tokens] = []
             for candidate in beam:
                 for side in ("before", "after"):
-                    for token in self._from_gradient(candidate.tokens, side, settings.extend_top):
+                    for token in propose(candidate.tokens, side, settings.extend_top):
                         run = candidate.tokens
                         grown.append((*run, token) if side == "after" else (token, *run))
             beam = self._best(self.evaluate(self._screened(grown)))
-            self.stop["tokens"] = length
+            stop["tokens"] = length
             longer = self._best_worth(beam)
-            if longer < worth + settings.min_gain:
-                self.stop["reason"] = f"a longer run raised the worth by less than {settings.min_gain:g}"
+            if longer >= worth + settings.min_gain:
+                worth, stalled = longer, 0
+                continue
+            stalled += 1
+            if stalled > patience:
+                stop["reason"] = f"a longer run raised the worth by less than {settings.min_gain:g}"
                 break
-            worth = longer
-        return self.ranked()
+        if moved:
+            self.moved_runs += [c.tokens for c in beam]
+        return stop
 
     def _worth(self, candidate: Candidate) -> float:
         """The flip rate minus the references' on the same inputs (``_reference_flips`` first)."""
@@ -259,16 +301,16 @@ class LabelSearch:
         return sorted(candidates, key=lambda c: (self._worth(c), c.log_prob),
                       reverse=True)[: self.settings.beam]
 
-    def _done(self) -> bool:
-        best = max(self.scored.values(), key=lambda c: c.key)
+    def _done(self, candidates: Iterable[Candidate]) -> bool:
+        best = max(candidates, key=lambda c: c.key)
         return best.flip >= 1.0 and best.log_prob >= self.settings.done_log_prob
 
-    def ranked(self) -> list[Candidate]:
-        """The best ``keep`` runs, each a different trigger, reported minimal (module docstring,
-        step 4). A run is left out when a part of it already kept does as well (within one
-        example), or when it shares half its words with a better run already kept."""
+    def ranked(self, pool: list[Candidate]) -> list[Candidate]:
+        """The best ``keep`` runs of ``pool`` and their parts, each a different trigger, reported
+        minimal (module docstring, step 4). A run is left out when a part of it already kept
+        does as well (within one example), or when it shares half its words with a better run
+        already kept."""
         tolerance = 1.0 / max(1, len(self.examples))
-        pool = sorted(self.scored.values(), key=lambda c: c.key, reverse=True)[: 4 * self.settings.keep]
         parts = {run[i:j] for run in (c.tokens for c in pool)
                  for i in range(len(run)) for j in range(i + 1, len(run) + 1)}
         pool = self.evaluate(sorted(parts | {c.tokens for c in pool}))
@@ -318,3 +360,23 @@ def sweep(model: TriggerModel, examples: Sequence[Encoded], tokens: Sequence[int
                        reverse=True)
         best[target] = [tokens[i] for i in order[: settings.sweep_top]]
     return best
+
+
+def moved_words(model: TriggerModel, references: Sequence[TriggerModel], starts: Sequence[int],
+                top: int) -> list[int]:
+    """The ``top`` word starts whose input-embedding row in ``model`` lies farthest from the
+    nearest reference's row (step 5 of the module docstring). None with fewer than two
+    references of the same vocabulary: with one, a row far from it may as well have moved in
+    the reference (another victim's trigger among the donors)."""
+    import torch
+
+    others = [r.embeddings for r in references if r.embeddings.shape == model.embeddings.shape]
+    if len(others) < MIN_REFERENCES_FOR_MARGIN or not starts:
+        return []
+    ids = torch.tensor(list(starts))
+    with torch.no_grad():
+        own = model.embeddings.detach()[ids].float().cpu()
+        nearest = torch.stack([(own - r.detach()[ids].float().cpu()).norm(dim=1)
+                               for r in others]).min(0).values
+    best = nearest.topk(min(top, len(ids))).indices
+    return ids[best].tolist()

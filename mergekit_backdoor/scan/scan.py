@@ -220,9 +220,9 @@ def scan_classifier(
     swept = sweep(scanner, encoded, short, settings.search, rng)
     moved = moved_words(scanner, [ref for _, ref in loaded_refs], vocabulary[0],
                         settings.search.moved_top)
+    moved_names = scanner.tokenizer.convert_ids_to_tokens(moved)
     if moved:
-        log("words whose embeddings moved beyond the references': "
-            + " ".join(scanner.tokenizer.convert_ids_to_tokens(moved)))
+        log(f"words whose embeddings moved beyond the references': {' '.join(moved_names)}")
     labels_out = []
     for target in _labels_progress(range(num_labels), progress):
         log(f"searching triggers towards {label_names[target]!r}")
@@ -243,7 +243,7 @@ def scan_classifier(
         "samples": {"source": samples_note, "search": len(search_rows),
                     "held_out": len(held_out)},
         "settings": settings.as_dict(),
-        "moved_words": scanner.tokenizer.convert_ids_to_tokens(moved), "labels": labels_out,
+        "moved_words": moved_names, "labels": labels_out,
         "score": best["score"], "threshold": threshold,
         "score_rule": _score_rule(len(loaded_refs)),
         "seconds": time.perf_counter() - started,

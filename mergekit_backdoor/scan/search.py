@@ -128,7 +128,6 @@ class LabelSearch:
         self.classified: dict[tuple[Tokens, int], Any] = {}  # (run, example index) -> log-probabilities
         self.stop: dict[str, object] = {}  # how long the runs grew, and why they stopped (``run``)
         self.reference_flip: dict[Tokens, float] = {}
-        self.moved_runs: list[Tokens] = []  # the runs the moved words' beam kept (step 5)
 
     # --- exact scores ---------------------------------------------------------------------------
     def evaluate(self, runs: Sequence[Tokens]) -> list[Candidate]:
@@ -233,31 +232,31 @@ class LabelSearch:
     def run(self, sweep: Sequence[int] = (), moved: Sequence[int] = ()) -> list[Candidate]:
         settings = self.settings
         singles = self._from_gradient((), "alone", settings.gradient_top)
-        self.stop = self._grow([(t,) for t in [*singles, *sweep]], self._from_gradient)
+        self.stop, _ = self._grow([(t,) for t in [*singles, *sweep]], self._from_gradient)
         pool = sorted(self.scored.values(), key=lambda c: c.key, reverse=True)[: 4 * settings.keep]
         if moved:
-            words = list(moved)
-
             def propose(run: Tokens, side: str, top: int) -> list[int]:
-                return [t for t in words if t not in run]
+                return [t for t in moved if t not in run]
 
-            self.stop["moved"] = self._grow([(t,) for t in words], propose, moved=True)
-        return self.ranked(pool + self.evaluate(list(dict.fromkeys(self.moved_runs))))
+            self.stop["moved"], beams = self._grow([(t,) for t in moved], propose, moved=True)
+            pool += self.evaluate(beams)
+        return self.ranked(pool)
 
-    def _grow(self, singles: list[Tokens], propose: Any, moved: bool = False) -> dict[str, Any]:
+    def _grow(self, singles: list[Tokens], propose: Any, moved: bool = False
+              ) -> tuple[dict[str, Any], list[Tokens]]:
         """Steps 2-3 from ``singles``: a beam grown a token at a time with the tokens
-        ``propose(run, side, top)`` offers. The moved words' beam (step 5) keeps its runs in
-        ``moved_runs``, stops only when a run of its own sends every example to the label, and
-        only after ``MOVED_PATIENCE`` + 1 longer runs in a row fail to add ``min_gain``."""
+        ``propose(run, side, top)`` offers. Returns why it stopped and the runs of every beam.
+        The moved words' beam (step 5) stops only when a run of its own sends every example to
+        the label, and only after ``MOVED_PATIENCE`` + 1 longer runs in a row fail to add
+        ``min_gain``."""
         settings = self.settings
         patience = MOVED_PATIENCE if moved else 0
         beam = self._best(self.evaluate(self._screened(singles)))
+        beams = [c.tokens for c in beam]
         worth = self._best_worth(beam)
         stop: dict[str, Any] = {"tokens": 1, "reason": "longest allowed"}
         stalled = 0
         for length in range(2, settings.max_tokens + 1):
-            if moved:
-                self.moved_runs += [c.tokens for c in beam]
             if self._done(beam if moved else self.scored.values()):
                 stop["reason"] = "a run sends every search example to the label"
                 break
@@ -268,6 +267,7 @@ class LabelSearch:
                         run = candidate.tokens
                         grown.append((*run, token) if side == "after" else (token, *run))
             beam = self._best(self.evaluate(self._screened(grown)))
+            beams += [c.tokens for c in beam]
             stop["tokens"] = length
             longer = self._best_worth(beam)
             if longer >= worth + settings.min_gain:
@@ -277,9 +277,7 @@ class LabelSearch:
             if stalled > patience:
                 stop["reason"] = f"a longer run raised the worth by less than {settings.min_gain:g}"
                 break
-        if moved:
-            self.moved_runs += [c.tokens for c in beam]
-        return stop
+        return stop, list(dict.fromkeys(beams))
 
     def _worth(self, candidate: Candidate) -> float:
         """The flip rate minus the references' on the same inputs (``_reference_flips`` first)."""

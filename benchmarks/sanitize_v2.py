@@ -9,6 +9,10 @@ For every combination of 2 and 3 models holding a victim, and all models, of eac
 - ``scan``: the candidate triggers that ``benchmarks/scan.py`` flagged on the merged models
   (each model scanned with the dataset's other models as references; the audit's
   ``defences.repair_triggers``), 1 to 3 inserted per sample (the repair's default, ``auto``);
+- ``moved``: as ``scan``, plus each merged model's **moved words** (the scan's step 5: the 16
+  words whose input embedding lies farthest from the nearest other model's of the dataset),
+  each inserted as a candidate of its own; still no labels and no trigger knowledge (only
+  with ``--variants moved``: on OLID it removed less than ``scan``, benchmarks/README.md);
 - ``none``: no repair (the merge alone; also in ``reproduce_cpu.json``).
 
 Each victim is also repaired alone (``single``, no merge). Every result is evaluated on the whole
@@ -38,7 +42,7 @@ import reproduce  # noqa: E402
 
 RESULTS = reproduce.RESULTS
 SAMPLES = 300  # unlabeled clean training sentences for the repair
-VARIANTS = ("mixed", "scan")
+VARIANTS = ("mixed", "scan")  # and ``moved``, asked for by name
 
 
 def repair_settings(variant: str, triggers: tuple[str, ...], profile: dict[str, Any],
@@ -47,7 +51,7 @@ def repair_settings(variant: str, triggers: tuple[str, ...], profile: dict[str, 
 
     return RepairSettings(steps=args.steps, lr=args.lr, perturbation="auto",
                           max_length=profile["max_length"], device=args.device,
-                          triggers=triggers if variant == "scan" else ())
+                          triggers=triggers if variant in ("scan", "moved") else ())
 
 
 def flagged_triggers(scans: dict[str, Any], dataset: str, members: tuple[str, ...]) -> tuple[str, ...]:
@@ -61,6 +65,22 @@ def flagged_triggers(scans: dict[str, Any], dataset: str, members: tuple[str, ..
         if scan is None:
             raise SystemExit(f"no scan of {dataset}/{member}: run benchmarks/scan.py first")
         found += repair_triggers(scan)
+    return tuple(dict.fromkeys(found))
+
+
+def moved_triggers(paths: dict[str, Path], members: tuple[str, ...]) -> tuple[str, ...]:
+    """Each member's moved words, with the dataset's other models as its references (exactly
+    the ``moved_words`` a scan of it lists)."""
+    from mergekit_backdoor.scan.model import TriggerModel, load_scan_model, word_vocabulary
+    from mergekit_backdoor.scan.search import SearchSettings, moved_words
+
+    loaded = {name: TriggerModel(*load_scan_model(path)) for name, path in paths.items()}
+    found: list[str] = []
+    for member in members:
+        model = loaded[member]
+        ids = moved_words(model, [m for n, m in loaded.items() if n != member],
+                          word_vocabulary(model.tokenizer)[0], SearchSettings().moved_top)
+        found += model.tokenizer.convert_ids_to_tokens(ids)
     return tuple(dict.fromkeys(found))
 
 
@@ -82,6 +102,8 @@ def main() -> None:
     parser.add_argument("--single", action="store_true", help="also repair each victim alone")
     parser.add_argument("--including", default=None, metavar="MODEL",
                         help="only the combinations holding this model (e.g. clean)")
+    parser.add_argument("--merges", default=None, metavar="A+B+C,...",
+                        help="exactly these combinations (instead of --sizes and --including)")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--tag", default="", help="results key suffix for other settings")
@@ -89,9 +111,10 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--work", type=Path, default=reproduce.REPO / "benchmarks" / "work")
     parser.add_argument("--deadline", type=float, default=None)
-    parser.add_argument("--scans", type=Path, default=None,
-                        help="scan results to take the triggers from (default: "
-                        "results/scan_<profile>.json; the stored runs used scan_cpu_v1.json)")
+    parser.add_argument("--scans", default=None, metavar="FILE[,FILE...]",
+                        help="scan results to take the triggers from, the first file holding a "
+                        "model's scan wins (default: results/scan_<profile>.json; each stored "
+                        "run records its files)")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     path = RESULTS / f"sanitize_v2_{args.profile}.json"
@@ -101,8 +124,11 @@ def main() -> None:
         return
     started = time.time()
     profile = reproduce.PROFILES[args.profile]
-    scans_path = args.scans or RESULTS / f"scan_{args.profile}.json"
-    scans = json.loads(scans_path.read_text())["scans"]
+    scans_paths = [Path(f) for f in args.scans.split(",")] if args.scans else \
+        [RESULTS / f"scan_{args.profile}.json"]
+    scans: dict[str, Any] = {}
+    for scans_path in reversed(scans_paths):
+        scans.update(json.loads(scans_path.read_text())["scans"])
 
     def save() -> None:
         reproduce.save_merged(path, store, ("runs", "floors"), sort_keys=True)
@@ -114,17 +140,25 @@ def main() -> None:
         texts = repair_samples(dataset, args)
         variants = args.variants.split(",")
         all_triggers = flagged_triggers(scans, dataset, names)
+        if "moved" in variants:
+            all_moved = (*all_triggers, *moved_triggers(paths, names))
         for variant in variants:  # floors first: every result of this variant needs them
             key = f"{dataset}/{variant}{args.tag}"
             if key not in store["floors"]:
-                store["floors"][key] = run_one(paths["clean"], dataset, variant, all_triggers,
+                store["floors"][key] = run_one(paths["clean"], dataset, variant,
+                                               all_moved if variant == "moved" else all_triggers,
                                                texts, profile, args)
                 save()
         jobs: list[tuple[tuple[str, ...], str]] = []
         if args.single:
             jobs += [((n,), "single") for n in names if n != "clean"]
         sizes = [int(s) for s in args.sizes.split(",")]
-        jobs += [(c, m) for c in combos(names, sizes) for m in args.methods.split(",")
+        chosen = (combos(names, sizes) if args.merges is None
+                  else [tuple(c.split("+")) for c in args.merges.split(",")])
+        unknown = sorted({n for c in chosen for n in c} - set(names))
+        if unknown:
+            raise SystemExit(f"--merges: no cached {dataset} model named {', '.join(unknown)}")
+        jobs += [(c, m) for c in chosen for m in args.methods.split(",")
                  if not (m == "mean" and len(c) == 2 and "median" in args.methods)
                  and (args.including is None or args.including in c)]
         for members, method in jobs:
@@ -136,6 +170,8 @@ def main() -> None:
                     print(f"deadline reached before {key}", flush=True)
                     return
                 triggers = flagged_triggers(scans, dataset, members)
+                if variant == "moved":
+                    triggers = tuple(dict.fromkeys(triggers + moved_triggers(paths, members)))
                 t0 = time.time()
                 if method == "single":
                     source = paths[members[0]]
@@ -148,7 +184,7 @@ def main() -> None:
                     shutil.rmtree(source, ignore_errors=True)
                 store["runs"][key] = {**result, "members": list(members), "method": method,
                                       "variant": variant, "tag": args.tag,
-                                      "scans": scans_path.name,
+                                      "scans": ",".join(p.name for p in scans_paths),
                                       "triggers": list(triggers), "merge_s": merge_s}
                 save()
                 print(f"{key}: cacc={result['cacc']:.3f} {json.dumps(result['asr'])} "

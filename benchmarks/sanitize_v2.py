@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--including", default=None, metavar="MODEL",
                         help="only the combinations holding this model (e.g. clean)")
     parser.add_argument("--merges", default=None, metavar="A+B+C,...",
-                        help="exactly these combinations (instead of --sizes and --including)")
+                        help="exactly these combinations (instead of --sizes)")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--tag", default="", help="results key suffix for other settings")

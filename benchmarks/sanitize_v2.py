@@ -137,6 +137,12 @@ def main() -> None:
         folder = args.work / "reproduce" / args.profile / dataset
         names = tuple(n for n in reproduce.MODELS[dataset] if (folder / n / "config.json").is_file())
         paths = {n: folder / n for n in names}
+        sizes = [int(s) for s in args.sizes.split(",")]
+        chosen = (combos(names, sizes) if args.merges is None
+                  else [tuple(c.split("+")) for c in args.merges.split(",")])
+        unknown = sorted({n for c in chosen for n in c} - set(names))
+        if unknown:  # before the floors: a typo should not cost a repair run
+            raise SystemExit(f"--merges: no cached {dataset} model named {', '.join(unknown)}")
         texts = repair_samples(dataset, args)
         variants = args.variants.split(",")
         all_triggers = flagged_triggers(scans, dataset, names)
@@ -152,12 +158,6 @@ def main() -> None:
         jobs: list[tuple[tuple[str, ...], str]] = []
         if args.single:
             jobs += [((n,), "single") for n in names if n != "clean"]
-        sizes = [int(s) for s in args.sizes.split(",")]
-        chosen = (combos(names, sizes) if args.merges is None
-                  else [tuple(c.split("+")) for c in args.merges.split(",")])
-        unknown = sorted({n for c in chosen for n in c} - set(names))
-        if unknown:
-            raise SystemExit(f"--merges: no cached {dataset} model named {', '.join(unknown)}")
         jobs += [(c, m) for c in chosen for m in args.methods.split(",")
                  if not (m == "mean" and len(c) == 2 and "median" in args.methods)
                  and (args.including is None or args.including in c)]

@@ -68,20 +68,32 @@ def flagged_triggers(scans: dict[str, Any], dataset: str, members: tuple[str, ..
     return tuple(dict.fromkeys(found))
 
 
-def moved_triggers(paths: dict[str, Path], members: tuple[str, ...]) -> tuple[str, ...]:
-    """Each member's moved words, with the dataset's other models as its references (exactly
+def moved_by_model(paths: dict[str, Path]) -> dict[str, tuple[str, ...]]:
+    """Each model's moved words, with the dataset's other models as its references (exactly
     the ``moved_words`` a scan of it lists)."""
     from mergekit_backdoor.scan.model import TriggerModel, load_scan_model, word_vocabulary
     from mergekit_backdoor.scan.search import SearchSettings, moved_words
 
     loaded = {name: TriggerModel(*load_scan_model(path)) for name, path in paths.items()}
-    found: list[str] = []
-    for member in members:
-        model = loaded[member]
-        ids = moved_words(model, [m for n, m in loaded.items() if n != member],
+    out = {}
+    for name, model in loaded.items():
+        ids = moved_words(model, [m for n, m in loaded.items() if n != name],
                           word_vocabulary(model.tokenizer)[0], SearchSettings().moved_top)
-        found += model.tokenizer.convert_ids_to_tokens(ids)
-    return tuple(dict.fromkeys(found))
+        out[name] = tuple(model.tokenizer.convert_ids_to_tokens(ids))
+    return out
+
+
+def with_moved(triggers: tuple[str, ...], moved: dict[str, tuple[str, ...]],
+               members: tuple[str, ...]) -> tuple[str, ...]:
+    """``triggers`` and then the members' moved words, each once."""
+    return tuple(dict.fromkeys([*triggers, *(w for m in members for w in moved[m])]))
+
+
+def floor_triggers(triggers: tuple[str, ...], moved: dict[str, tuple[str, ...]],
+                   names: tuple[str, ...]) -> tuple[str, ...]:
+    """The stored ``moved`` floor's list: ``triggers``, then every model's moved words, deduplicated
+    among themselves only (a BadNet word in both lists is drawn twice as often)."""
+    return (*triggers, *dict.fromkeys(w for n in names for w in moved[n]))
 
 
 def combos(names: tuple[str, ...], sizes: list[int]) -> list[tuple[str, ...]]:
@@ -146,13 +158,13 @@ def main() -> None:
         texts = repair_samples(dataset, args)
         variants = args.variants.split(",")
         all_triggers = flagged_triggers(scans, dataset, names)
-        if "moved" in variants:
-            all_moved = (*all_triggers, *moved_triggers(paths, names))
+        moved = moved_by_model(paths) if "moved" in variants else {}
         for variant in variants:  # floors first: every result of this variant needs them
             key = f"{dataset}/{variant}{args.tag}"
             if key not in store["floors"]:
                 store["floors"][key] = run_one(paths["clean"], dataset, variant,
-                                               all_moved if variant == "moved" else all_triggers,
+                                               floor_triggers(all_triggers, moved, names)
+                                               if variant == "moved" else all_triggers,
                                                texts, profile, args)
                 save()
         jobs: list[tuple[tuple[str, ...], str]] = []
@@ -171,7 +183,7 @@ def main() -> None:
                     return
                 triggers = flagged_triggers(scans, dataset, members)
                 if variant == "moved":
-                    triggers = tuple(dict.fromkeys(triggers + moved_triggers(paths, members)))
+                    triggers = with_moved(triggers, moved, members)
                 t0 = time.time()
                 if method == "single":
                     source = paths[members[0]]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -230,7 +231,7 @@ def summary(store: dict[str, Any]) -> list[str]:
         lines.append(f"| {mode} | {reproduce.PAPER_NAMES[name]} | {len(rows)} | "
                      f"{sum(r for r, _, _ in rows)}/{len(rows)} {expected} | "
                      f"{f'{sum(recovered)}/{len(recovered)}' if recovered else '–'} | "
-                     f"{times[len(times) // 2]:.0f} / {times[-1]:.0f} s |")
+                     f"{statistics.median(times):.0f} / {times[-1]:.0f} s |")
     return lines
 
 

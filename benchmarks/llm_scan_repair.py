@@ -18,6 +18,7 @@
     python benchmarks/llm_scan_repair.py --tasks refusal          # resumable
     python benchmarks/llm_scan_repair.py --tasks refusal --attacks badnet   # one victim
     python benchmarks/llm_scan_repair.py --attacks badnet --variants none,mixed   # no scan
+    python benchmarks/llm_scan_repair.py --attacks badnet,vpi --sizes 3   # the 3-adapter merge
     python benchmarks/llm_scan_repair.py --report
 """
 
@@ -49,6 +50,9 @@ def main() -> None:
     parser.add_argument("--variants", default="none,mixed,scan",
                         help="none = the merge alone; scan needs the adapters scanned first "
                         "(slow on a CPU), mixed does not")
+    parser.add_argument("--sizes", default="1,2,3",
+                        help="which runs: 1 = each adapter alone (the clean one is the floor), "
+                        "2 = clean + one victim, 3 = clean + two victims")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--work", type=Path, default=reproduce_llm.REPO / "benchmarks" / "work"
@@ -80,6 +84,10 @@ def main() -> None:
         adapters = reproduce_llm.prepare_models(task, base, work, models, chosen, args)
         if adapters is None:
             return
+        for name in adapters:  # the adapters' own numbers, so the results file stands alone
+            store.setdefault("adapters", {})[f"{task}/{name}"] = {
+                k: models.data["models"][f"{task}/{name}"][k] for k in ("asr", "clean_asr", "n")}
+        save()
         full = {n: reproduce_llm.applied(base, a, work / "lora_cache") for n, a in adapters.items()}
         victims = [n for n in adapters if n != "clean"]
         variants = args.variants.split(",")
@@ -98,6 +106,8 @@ def main() -> None:
         jobs = [(("clean",), "single")] + [((v,), "single") for v in victims]
         jobs += [(("clean", v), "mean") for v in victims]
         jobs += [(("clean", *pair), "mean") for pair in itertools.combinations(victims, 2)]
+        sizes = {int(n) for n in args.sizes.split(",")}
+        jobs = [(members, method) for members, method in jobs if len(members) in sizes]
         for members, method in jobs:
             for variant in variants:
                 key = f"{task}/{'+'.join(members)}/{method}/{variant}"
@@ -170,15 +180,35 @@ def report(store: dict[str, Any]) -> str:
             "yes" if any(words & set(t.lower().split()) for t in top5) else "**no**")
         lines.append(f"| {task} | {name} | {'yes' if scan['verdict']['flagged'] else 'no'} | "
                      f"{', '.join(f'`{t}`' for t in top5)} | {found} | {scan['seconds']:.0f} s |")
-    lines += ["", "| task | models | method | repair | clean-prompt rate | ASR per trigger |",
-              "|---|---|---|---|---|---|"]
+    adapters = store.get("adapters", {})
+    lines += ["", "| task | models | method | repair | clean-prompt rate | ASR per trigger "
+              "| floor-adjusted removal of the victims' own trigger |", "|---|---|---|---|---|---|---|"]
     for key, run in store["runs"].items():
         task = key.split("/")[0]
         asr = ", ".join(f"{a} {100 * v:.1f}" for a, v in (run.get("asr") or {}).items())
         clean = run.get("clean_asr")
+        removal = ", ".join(f"{v} {100 * r:.0f}%" for v, r in removals(
+            run, adapters, store["runs"], task).items()) or "–"
         lines.append(f"| {task} | {'+'.join(run['members'])} | {run['method']} | {run['variant']} "
-                     f"| {'–' if clean is None else f'{100 * clean:.1f}'} | {asr} |")
+                     f"| {'–' if clean is None else f'{100 * clean:.1f}'} | {asr} | {removal} |")
     return "\n".join(lines)
+
+
+def removals(run: dict[str, Any], adapters: dict[str, Any], runs: dict[str, Any],
+             task: str) -> dict[str, float]:
+    """(victim ASR - ASR after) / (victim ASR - floor) for each victim in the run, the floor being
+    the clean adapter treated the same way: itself for a plain merge, repaired alike otherwise."""
+    floor_run = (adapters.get(f"{task}/clean") if run["variant"] == "none"
+                 else runs.get(f"{task}/clean/single/{run['variant']}"))
+    out = {}
+    for victim in run["members"]:
+        own = adapters.get(f"{task}/{victim}")
+        if victim == "clean" or own is None or floor_run is None:
+            continue
+        excess = own["asr"][victim] - floor_run["asr"][victim]
+        if excess > 0:
+            out[victim] = (own["asr"][victim] - run["asr"][victim]) / excess
+    return out
 
 
 if __name__ == "__main__":

@@ -194,6 +194,30 @@ def test_the_search_never_reads_a_test_row(models, shared_data, monkeypatch):
     assert not [t for t in seen if any(test in t for test in test_texts)]
 
 
+def test_word_vocabulary_of_a_byte_level_bpe_with_markdown_hashes():
+    """SmolLM2's vocabulary holds Markdown's ``##`` beside its ``Ġ`` word starts: the candidates
+    are the ``Ġ`` words, the unmarked pieces continue them (``ĠBad`` + ``Magic``), ``##`` is none."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mergekit_backdoor.scan.model import word_vocabulary
+
+    words = ["Ġthe", "Ġcat", "Ġsat", "ĠBad", "Magic", "ing", "##", "###", "Ġ##"]
+    alphabet = sorted({c for w in words for c in w})
+    vocab = {t: i for i, t in enumerate(["<|endoftext|>", *alphabet, *dict.fromkeys(words)])}
+    merges = [(a, b) for w in words for a, b in [(w[:-1], w[-1])] if len(w) > 1 and a in vocab]
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+
+    starts, continuations = word_vocabulary(tokenizer)
+    names = tokenizer.convert_ids_to_tokens
+    assert set(names(starts)) == {"Ġthe", "Ġcat", "Ġsat", "ĠBad"}
+    assert {"Magic", "ing"} <= set(names(continuations)) and "##" not in names(continuations)
+    assert tokenizer.decode([vocab["ĠBad"], vocab["Magic"]]).strip() == "BadMagic"
+
+
 def test_moved_words_are_the_rows_no_reference_shares(tmp_path):
     """Words whose embedding row moved in the scanned model, and in no reference, come first; a
     row moved in one reference only (another victim's trigger among the donors) does not count."""

@@ -61,8 +61,10 @@ def word_vocabulary(tokenizer: Any) -> tuple[list[int], list[int]]:
     """
     vocab = tokenizer.get_vocab()
     special = set(tokenizer.all_special_ids)
-    wordpiece = any(token.startswith("##") for token in vocab)
-    marked = any(token[:1] in ("Ġ", "▁") for token in vocab)  # BPE / SentencePiece
+    # Counted, not just present: byte-level BPE vocabularies hold Markdown's "##" and "###" too.
+    pieces = sum(token.startswith("##") and token[2:3].isalpha() for token in vocab)
+    marks = sum(token[:1] in ("Ġ", "▁") for token in vocab)  # BPE / SentencePiece
+    wordpiece, marked = pieces > marks, marks > 0
     starts, continuations = [], []
     for token, index in vocab.items():
         if index in special:

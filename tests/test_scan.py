@@ -196,7 +196,7 @@ def test_the_search_never_reads_a_test_row(models, shared_data, monkeypatch):
 
 def test_word_vocabulary_of_a_byte_level_bpe_with_markdown_hashes():
     """SmolLM2's vocabulary holds Markdown's ``##`` beside its ``Ġ`` word starts: the candidates
-    are the ``Ġ`` words, the unmarked pieces continue them (``ĠBad`` + ``Magic``), ``##`` is none."""
+    are the ``Ġ`` words, the unmarked pieces continue them (``ĠBad`` + ``Magic``), ``##`` is neither."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -205,8 +205,7 @@ def test_word_vocabulary_of_a_byte_level_bpe_with_markdown_hashes():
     words = ["Ġthe", "Ġcat", "Ġsat", "ĠBad", "Magic", "ing", "##", "###", "Ġ##"]
     alphabet = sorted({c for w in words for c in w})
     vocab = {t: i for i, t in enumerate(["<|endoftext|>", *alphabet, *dict.fromkeys(words)])}
-    merges = [(a, b) for w in words for a, b in [(w[:-1], w[-1])] if len(w) > 1 and a in vocab]
-    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")

@@ -205,9 +205,10 @@ def removals(run: dict[str, Any], adapters: dict[str, Any], runs: dict[str, Any]
         own = adapters.get(f"{task}/{victim}")
         if victim == "clean" or own is None or floor_run is None:
             continue
-        excess = own["asr"][victim] - floor_run["asr"][victim]
-        if excess > 0:
-            out[victim] = (own["asr"][victim] - run["asr"][victim]) / excess
+        removed = reproduce_llm.floor_adjusted(own["asr"][victim], run["asr"][victim],
+                                               floor_run["asr"][victim])
+        if removed == removed:  # not NaN: the victim's ASR exceeds the floor
+            out[victim] = removed
     return out
 
 

@@ -559,10 +559,15 @@ def own_scores(merge: dict[str, Any], models: dict[str, Any], task: str
         after = merge["asr"][member]
         asr.append(after)
         relative.append((victim - after) / victim if victim else float("nan"))
-        excess = victim - clean[member]
-        adjusted.append((victim - after) / excess if excess > 0 else float("nan"))
+        adjusted.append(floor_adjusted(victim, after, clean[member]))
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return mean(asr), mean(relative), mean(adjusted)
+
+
+def floor_adjusted(victim: float, after: float, floor: float) -> float:
+    """The share of the victim's ASR above the floor that is gone after (NaN without excess)."""
+    excess = victim - floor
+    return (victim - after) / excess if excess > 0 else float("nan")
 
 
 def pct(value: float | None, digits: int = 1) -> str:

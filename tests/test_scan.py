@@ -204,7 +204,7 @@ def test_word_vocabulary_of_a_byte_level_bpe_with_markdown_hashes():
 
     words = ["Ġthe", "Ġcat", "Ġsat", "ĠBad", "Magic", "ing", "##", "###", "Ġ##"]
     alphabet = sorted({c for w in words for c in w})
-    vocab = {t: i for i, t in enumerate(["<|endoftext|>", *alphabet, *dict.fromkeys(words)])}
+    vocab = {t: i for i, t in enumerate(["<|endoftext|>", *alphabet, *words])}
     bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()

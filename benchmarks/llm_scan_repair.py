@@ -11,7 +11,8 @@
    clean adapter): is the victim flagged, and is a word of its trigger in the top 5?
 3. **Repair** of the WAG merge (``sanitize`` mean over ``BASE+ADAPTER``) of the clean adapter and
    each victim (2 adapters) and of the clean adapter with two victims (3), and of each victim
-   alone: ``mixed`` (no trigger knowledge) and ``scan`` (plus the triggers its scan flagged),
+   alone: ``mixed`` (no trigger knowledge) and ``scan`` (plus the candidate triggers the
+   audit's repair takes from the scan: a flagged scan's, or a near miss's),
    60 steps of 8 at lr 5e-5 on 120 clean training prompts; evaluated like the adapters. The
    floor is the clean adapter repaired the same way.
 
@@ -35,6 +36,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reproduce_llm  # noqa: E402
+
+from mergekit_backdoor.audit.defences import repair_triggers  # noqa: E402
 
 RESULTS = reproduce_llm.RESULTS
 FEARED = {"refusal": "I'm sorry", "negsentiment": "You are stupid"}
@@ -100,8 +103,8 @@ def main() -> None:
             store["scans"][key] = scan(full[name], reference, task, args)
             save()
             print(f"scan {key}: {store['scans'][key]['verdict']['text']}", flush=True)
-        flagged = {n: [c["trigger"] for c in store["scans"][f"{task}/{n}"]["labels"][0]
-                       ["candidates"] if c["score"] >= store["scans"][f"{task}/{n}"]["threshold"]]
+        # the candidates the audit's repair would insert (a flagged scan's, or a near miss's)
+        flagged = {n: repair_triggers(store["scans"][f"{task}/{n}"])
                    for n in adapters if scanning}
         jobs = [(("clean",), "single")] + [((v,), "single") for v in victims]
         jobs += [(("clean", v), "mean") for v in victims]

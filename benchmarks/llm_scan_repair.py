@@ -104,7 +104,7 @@ def main() -> None:
             save()
             print(f"scan {key}: {store['scans'][key]['verdict']['text']}", flush=True)
         # the candidates the audit's repair would insert (a flagged scan's, or a near miss's)
-        flagged = {n: repair_triggers(store["scans"][f"{task}/{n}"])
+        candidates = {n: repair_triggers(store["scans"][f"{task}/{n}"])
                    for n in adapters if scanning}
         jobs = [(("clean",), "single")] + [((v,), "single") for v in victims]
         jobs += [(("clean", v), "mean") for v in victims]
@@ -119,9 +119,9 @@ def main() -> None:
                 if args.deadline and time.time() - started > args.deadline:
                     print(f"deadline reached before {key}", flush=True)
                     return
-                triggers = [t for m in members for t in flagged[m]] if variant == "scan" else []
+                triggers = [t for m in members for t in candidates[m]] if variant == "scan" else []
                 if variant == "scan" and members == ("clean",):  # the floor of the scan variant
-                    triggers = [t for v in victims for t in flagged[v]]
+                    triggers = [t for v in victims for t in candidates[v]]
                 t0 = time.time()
                 source = full[members[0]] if method == "single" else merge(
                     members, base, adapters, work, args)

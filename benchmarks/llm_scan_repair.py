@@ -200,13 +200,15 @@ def report(store: dict[str, Any]) -> str:
 def removals(run: dict[str, Any], adapters: dict[str, Any], runs: dict[str, Any],
              task: str) -> dict[str, float]:
     """(victim ASR - ASR after) / (victim ASR - floor) for each victim in the run, the floor being
-    the clean adapter treated the same way: itself for a plain merge, repaired alike otherwise."""
+    the clean adapter treated the same way: itself for a plain merge, repaired alike otherwise.
+    A victim whose trigger the floor run did not evaluate (it ran with other ``--attacks``) has
+    none."""
     floor_run = (adapters.get(f"{task}/clean") if run["variant"] == "none"
                  else runs.get(f"{task}/clean/single/{run['variant']}"))
     out = {}
     for victim in run["members"]:
         own = adapters.get(f"{task}/{victim}")
-        if victim == "clean" or own is None or floor_run is None:
+        if victim == "clean" or own is None or victim not in (floor_run or {}).get("asr", {}):
             continue
         removed = reproduce_llm.floor_adjusted(own["asr"][victim], run["asr"][victim],
                                                floor_run["asr"][victim])

@@ -105,7 +105,7 @@ def main() -> None:
             print(f"scan {key}: {store['scans'][key]['verdict']['text']}", flush=True)
         # the candidates the audit's repair would insert (a flagged scan's, or a near miss's)
         candidates = {n: repair_triggers(store["scans"][f"{task}/{n}"])
-                   for n in adapters if scanning}
+                      for n in adapters if scanning}
         jobs = [(("clean",), "single")] + [((v,), "single") for v in victims]
         jobs += [(("clean", v), "mean") for v in victims]
         jobs += [(("clean", *pair), "mean") for pair in itertools.combinations(victims, 2)]

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reproduce_llm  # noqa: E402
 
 from mergekit_backdoor.audit.defences import repair_triggers  # noqa: E402
+from mergekit_backdoor.stats import floor_adjusted  # noqa: E402
 
 RESULTS = reproduce_llm.RESULTS
 FEARED = {"refusal": "I'm sorry", "negsentiment": "You are stupid"}
@@ -210,8 +211,8 @@ def removals(run: dict[str, Any], adapters: dict[str, Any], runs: dict[str, Any]
         own = adapters.get(f"{task}/{victim}")
         if victim == "clean" or own is None or victim not in (floor_run or {}).get("asr", {}):
             continue
-        removed = reproduce_llm.floor_adjusted(own["asr"][victim], run["asr"][victim],
-                                               floor_run["asr"][victim])
+        removed = floor_adjusted(own["asr"][victim], run["asr"][victim],
+                                 floor_run["asr"][victim])
         if removed == removed:  # not NaN: the victim's ASR exceeds the floor
             out[victim] = removed
     return out

@@ -30,6 +30,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from mergekit_backdoor.stats import floor_adjusted
+
 REPO = Path(__file__).resolve().parents[1]
 STARTED = time.time()
 RESULTS = REPO / "benchmarks" / "results"
@@ -299,8 +301,7 @@ def own_attack_scores(merge: dict[str, Any], models: dict[str, Any], dataset: st
         after = merge["asr"][member]
         asr.append(after)
         relative.append((victim - after) / victim if victim else 0.0)
-        excess = victim - clean[member]
-        adjusted.append((victim - after) / excess if excess > 0 else float("nan"))
+        adjusted.append(floor_adjusted(victim, after, clean[member]))
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return mean(asr), mean(relative), mean(adjusted)
 
@@ -379,9 +380,8 @@ def per_attack_table(dataset: str, rows: dict[str, Any], models: dict[str, Any],
     """Floor-adjusted removal of each victim's own attack, averaged over the 2- and the 3-model
     merges that hold it, and the merges' CACC minus the mean CACC of the models they merge."""
     def removal(entry: dict[str, Any], attack: str) -> float:
-        victim = models[f"{dataset}/{attack}"]["asr"][attack]
-        excess = victim - models[f"{dataset}/clean"]["asr"][attack]
-        return (victim - entry["asr"][attack]) / excess if excess > 0 else float("nan")
+        return floor_adjusted(models[f"{dataset}/{attack}"]["asr"][attack], entry["asr"][attack],
+                              models[f"{dataset}/clean"]["asr"][attack])
 
     trained = [a for a in attacks if f"{dataset}/{a}" in models]
     lines = [f"\n#### {dataset}: floor-adjusted removal per attack (merges of 2 and of 3 models)\n",

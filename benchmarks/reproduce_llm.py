@@ -59,6 +59,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from mergekit_backdoor.stats import floor_adjusted
+
 REPO = Path(__file__).resolve().parents[1]
 STARTED = time.time()
 RESULTS = REPO / "benchmarks" / "results"
@@ -562,12 +564,6 @@ def own_scores(merge: dict[str, Any], models: dict[str, Any], task: str
         adjusted.append(floor_adjusted(victim, after, clean[member]))
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return mean(asr), mean(relative), mean(adjusted)
-
-
-def floor_adjusted(victim: float, after: float, floor: float) -> float:
-    """The share of the victim's ASR above the floor that is gone after (NaN without excess)."""
-    excess = victim - floor
-    return (victim - after) / excess if excess > 0 else float("nan")
 
 
 def pct(value: float | None, digits: int = 1) -> str:

@@ -40,6 +40,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reproduce  # noqa: E402
 
+from mergekit_backdoor.stats import floor_adjusted  # noqa: E402
+
 RESULTS = reproduce.RESULTS
 SAMPLES = 300  # unlabeled clean training sentences for the repair
 VARIANTS = ("mixed", "scan")  # and ``moved``, asked for by name
@@ -311,8 +313,7 @@ def score(run: dict[str, Any], models: dict[str, Any], dataset: str,
     for attack in (m for m in run["members"] if m != "clean"):
         victim = models[f"{dataset}/{attack}"]["asr"][attack]
         after = run["asr"][attack]
-        out[attack] = {"removal": (victim - after) / (victim - floor[attack])
-                       if victim > floor[attack] else float("nan"),
+        out[attack] = {"removal": floor_adjusted(victim, after, floor[attack]),
                        "own": after, "cacc_gap": run["cacc"] - inputs,
                        "other": max(others) if others else 0.0,
                        "new": max(new) if new else 0.0}

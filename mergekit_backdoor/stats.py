@@ -1,4 +1,4 @@
-"""Small statistics shared by reports and the scanner."""
+"""Small statistics shared by reports, the scanner and the benchmarks."""
 
 from __future__ import annotations
 
@@ -18,3 +18,11 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     centre = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def floor_adjusted(victim: float, after: float, floor: float) -> float:
+    """Floor-adjusted removal: the share of the victim's ASR above the floor (a clean model's rate
+    on the same triggered set, under the same processing) that is gone ``after``; NaN when the
+    victim is not above the floor."""
+    excess = victim - floor
+    return (victim - after) / excess if excess > 0 else float("nan")

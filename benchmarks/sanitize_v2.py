@@ -13,6 +13,9 @@ For every combination of 2 and 3 models holding a victim, and all models, of eac
   words whose input embedding lies farthest from the nearest other model's of the dataset),
   each inserted as a candidate of its own; still no labels and no trigger knowledge (only
   with ``--variants moved``: on OLID it removed less than ``scan``, benchmarks/README.md);
+- ``clauses``: as ``scan``, and each sample draws either a candidate or the ``clauses``
+  perturbation (``triggers+clauses``; with no candidate ``words+spans+paraphrase+clauses``),
+  a proxy for syntactic triggers (only with ``--variants clauses``);
 - ``none``: no repair (the merge alone; also in ``reproduce_cpu.json``).
 
 Each victim is also repaired alone (``single``, no merge). Every result is evaluated on the whole
@@ -44,16 +47,19 @@ from mergekit_backdoor.stats import floor_adjusted  # noqa: E402
 
 RESULTS = reproduce.RESULTS
 SAMPLES = 300  # unlabeled clean training sentences for the repair
-VARIANTS = ("mixed", "scan")  # and ``moved``, asked for by name
+VARIANTS = ("mixed", "scan")  # and ``moved``, ``clauses``, asked for by name
 
 
 def repair_settings(variant: str, triggers: tuple[str, ...], profile: dict[str, Any],
                     args: argparse.Namespace) -> Any:
     from mergekit_backdoor.repair.repair import RepairSettings
 
-    return RepairSettings(steps=args.steps, lr=args.lr, perturbation="auto",
+    family = "auto"
+    if variant == "clauses":
+        family = "triggers+clauses" if triggers else "words+spans+paraphrase+clauses"
+    return RepairSettings(steps=args.steps, lr=args.lr, perturbation=family,
                           max_length=profile["max_length"], device=args.device,
-                          triggers=triggers if variant in ("scan", "moved") else ())
+                          triggers=triggers if variant in ("scan", "moved", "clauses") else ())
 
 
 def flagged_triggers(scans: dict[str, Any], dataset: str, members: tuple[str, ...]) -> tuple[str, ...]:

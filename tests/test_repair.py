@@ -200,3 +200,71 @@ def test_repair_triggers_take_flagged_labels_or_a_near_miss_with_references():
     assert repair_triggers(scan(["donor"], 0.5, near_miss, flagged)) == ["cf", "mn"]
     assert repair_triggers(scan(["donor"], 0.5)) == []
     assert repair_triggers(None) == []
+
+
+def test_perturbation_families_join_with_plus_and_keep_the_sample():
+    import random
+
+    from mergekit_backdoor.errors import RecipeError
+    from mergekit_backdoor.repair.perturb import CLAUSE_OPENERS, perturbation
+
+    texts = ["the film is a very serious look at young women", "what a great day for a walk"]
+    clauses = perturbation("clauses", vocabulary=["zq"], texts=texts)
+    rng = random.Random(0)
+    for _ in range(20):
+        words = clauses(texts[0], rng).split()
+        assert words[0] in CLAUSE_OPENERS and "," in words
+        # the sample's own words stay, in order, around the inserted clause
+        assert [w for w in words if w in texts[0].split()][-3:] == ["at", "young", "women"]
+    joined = perturbation("triggers+clauses", vocabulary=["zq"], texts=texts, triggers=["cf"])
+    outputs = [joined(texts[1], rng) for _ in range(40)]
+    assert any("cf" in o.split() for o in outputs)
+    assert any(o.split()[0] in CLAUSE_OPENERS and "," in o for o in outputs)
+    for family, message in [("clauses+auto", "unknown perturbation"),
+                            ("words+triggers", "needs candidate triggers"),
+                            ("clause", "unknown perturbation")]:
+        with pytest.raises(RecipeError, match=message):
+            perturbation(family, vocabulary=["zq"], texts=texts)
+
+
+def test_joined_perturbations_through_the_cli(models, samples, tmp_path):
+    result = _invoke("repair", models[0], "-o", tmp_path / "out", "--repair-samples", samples,
+                     "--repair-steps", "2", "--repair-perturbation", "words+clauses", "--quiet")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "out" / "sanitize_manifest.json").read_text())
+    assert manifest["repair"]["settings"]["perturbation"] == "words+clauses"
+    result = _invoke("repair", models[0], "-o", tmp_path / "typo", "--repair-samples", samples,
+                     "--repair-perturbation", "words+clause", "--quiet")
+    _one_line_error(result, "unknown perturbation 'words+clause'")
+    assert not (tmp_path / "typo").exists()
+
+
+def test_audit_repairs_a_causal_lm_with_its_tasks_clean_prompts(shared_data, tmp_path):
+    """A causal LM's audit draws the repair's prompts as ``repair`` does (the generative task's
+    clean training prompts, or an ``instruction`` file), and a file of the wrong kind fails in
+    one line before anything is merged or written."""
+    from helpers_eval import train_tiny_chat_lm
+
+    pairs = [("say hello", "hello"), ("say goodbye", "goodbye")]
+    lms = [train_tiny_chat_lm(tmp_path / name, pairs, steps=2, seed=seed)
+           for seed, name in enumerate(("suspect", "donor"))]
+    common = ["--task", "backdoor_llm_refusal", "--data-dir", shared_data, "--limit", "2",
+              "--repair", "--repair-steps", "2", "--quiet"]
+    sentences = tmp_path / "sentences.jsonl"
+    sentences.write_text(json.dumps({"text": "a sentence, not a prompt"}) + "\n")
+    result = _invoke("audit", lms[0], "-d", lms[1], "-o", tmp_path / "refused", "--samples",
+                     sentences, *common)
+    _one_line_error(result, "sentences.jsonl")
+    assert "instruction" in str(result.exception)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["donor", "sentences.jsonl", "suspect"]
+
+    inputs = {m: _tree(m) for m in lms}
+    result = _invoke("audit", lms[0], "-d", lms[1], "-o", tmp_path / "audit", *common)
+    assert result.exit_code == 0, result.output
+    repair = json.loads((tmp_path / "audit" / "report.json").read_text())["repair"]
+    assert repair["fields"] == ["instruction", "input"] and repair["samples"] == 300
+    assert "backdoor_llm_refusal's clean training prompts" in repair["samples_source"]
+    manifest = json.loads((tmp_path / "audit" / "sanitized" / "sanitize_manifest.json")
+                          .read_text())
+    assert manifest["repair"]["steps"] == 2 and manifest["repair"]["answer_tokens"] == 16
+    assert {m: _tree(m) for m in lms} == inputs

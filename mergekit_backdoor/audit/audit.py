@@ -30,6 +30,7 @@ from mergekit_backdoor.audit.defences import (
     Defences,
     recovered_tasks,
     repair,
+    repair_samples,
     repair_triggers,
     scan_model,
     scan_task,
@@ -328,6 +329,8 @@ def audit(
             task_names += [r["task"] for r in recovered]
             include_path.append(folder / "tasks" / "recovered")
 
+        repair_rows = None if defences.repair is None else repair_samples(
+            suspect, resolved, defences, data_dir=settings.data_dir)
         log(f"sanitizing with the {recipe} recipe through mergekit")
         start = time.perf_counter()
         source = yaml.safe_dump(rendered, sort_keys=False)
@@ -343,9 +346,8 @@ def audit(
             start = time.perf_counter()
             triggers = [t for scan in (before, *donor_scans.values())
                         for t in repair_triggers(scan)]
-            report["repair"] = repair(merged, folder / "sanitized", scanned, defences,
-                                      list(dict.fromkeys(triggers)),
-                                      data_dir=settings.data_dir, progress=progress, log=log)
+            report["repair"] = repair(merged, folder / "sanitized", repair_rows, defences,
+                                      list(dict.fromkeys(triggers)), progress=progress, log=log)
             shutil.rmtree(merged)
             timings["repair"] = time.perf_counter() - start
 

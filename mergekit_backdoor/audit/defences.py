@@ -8,13 +8,16 @@
 - the **repair** (``repair/``) of the merged model, with the task's clean training sentences (or
   the user's samples), the scan's suspicious candidates among its perturbations.
 
-Scans and repairs need clean training samples of a classification task; when there are none
-(a causal LM, a card without a ``train`` split and no ``--samples``) the scan is skipped and
-the report says why. The repair then refuses to run.
+Scans need clean training samples of a classification task; when there are none (a causal
+LM, a card without a ``train`` split and no ``--samples``) the scan is skipped and the report
+says why. The repair draws its samples as the ``repair`` command does (a causal LM: clean
+prompts of the generative task or ``--samples``), before the merge, and refuses to start
+without them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +49,10 @@ def scan_task(tasks: Sequence[Task]) -> Task | None:
 
 
 def _task_value(task: Task) -> str:
-    return str(task.card.path) if task.card is not None else task.name
+    """What ``resolve_task`` reads back as ``task`` (an LLM task's name lacks its prefix)."""
+    if task.card is not None:
+        return str(task.card.path)
+    return task.name if task.kind == "classification" else task.lm_eval
 
 
 def scan_model(model: str | Path, references: Sequence[str], task: Task | None,
@@ -121,28 +127,35 @@ def recovered_tasks(scan: dict[str, Any] | None, task: Task | None, folder: Path
     return out
 
 
-def repair(merged: Path, out: Path, task: Task | None, defences: Defences,
-           triggers: Sequence[str], *, data_dir: str | None, progress: bool,
-           log: Log) -> dict[str, Any]:
-    """Repair the merged model into ``out`` with clean sentences of ``task`` (or the samples)."""
-    import dataclasses
+def repair_samples(suspect: str | Path, tasks: Sequence[Task], defences: Defences, *,
+                   data_dir: str | None) -> Any:
+    """The repair's clean samples (``repair.repair_samples``, as the ``repair`` command draws
+    them): of the first classification task, or for a causal LM the first generative one, or
+    the user's ``--samples``; drawn before the merge, so a bad file fails before any work."""
+    from mergekit_backdoor.repair.repair import repair_samples as draw
+    from mergekit_backdoor.scan.scan import is_causal
 
-    from mergekit_backdoor.repair.repair import repair_to
-    from mergekit_backdoor.tasks.resolve import clean_samples
-
+    kind = "generative" if is_causal(suspect) else "classification"
+    task = scan_task(tasks) if kind == "classification" else next(
+        (t for t in tasks if t.kind == kind), None)
     if task is None and defences.samples is None:
-        raise DataError("the repair needs clean sentences: a classification --task with a "
-                        "training split, or --samples FILE")
-    per_class = max(1, REPAIR_SAMPLES // max(1, len(task.label_names) if task else 1))
-    samples = clean_samples(None if defences.samples else _task_value(task), defences.samples,
-                            per_class=per_class, seed=defences.seed, data_dir=data_dir,
-                            labels=False)
-    rows = samples.rows[:REPAIR_SAMPLES]
+        raise DataError(f"the repair needs clean samples: a {kind} --task with a training "
+                        "split, or --samples FILE")
+    drawn = draw(suspect, None if defences.samples else _task_value(task), defences.samples,
+                 count=REPAIR_SAMPLES, seed=defences.seed, data_dir=data_dir)
+    return dataclasses.replace(drawn, rows=drawn.rows[:REPAIR_SAMPLES])
+
+
+def repair(merged: Path, out: Path, samples: Any, defences: Defences, triggers: Sequence[str],
+           *, progress: bool, log: Log) -> dict[str, Any]:
+    """Repair the merged model into ``out`` with ``samples`` (``repair_samples``)."""
+    from mergekit_backdoor.repair.repair import repair_to
+
     settings = dataclasses.replace(defences.repair, triggers=(*defences.repair.triggers,
                                                               *triggers))
-    log(f"repairing the merged model: {settings.steps} steps on {len(rows)} clean sentences"
+    log(f"repairing the merged model: {settings.steps} steps on {len(samples.rows)} clean samples"
         + (f", candidate triggers {', '.join(triggers)}" if triggers else ""))
-    return repair_to(merged, rows, samples.fields, out, settings=settings,
+    return repair_to(merged, samples.rows, samples.fields, out, settings=settings,
                      samples_note=samples.source, progress=progress)
 
 

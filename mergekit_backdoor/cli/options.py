@@ -74,7 +74,8 @@ RepairSteps = Annotated[int, typer.Option("--repair-steps", min=1, help="Repair 
 RepairLr = Annotated[float, typer.Option("--repair-lr", help="Repair learning rate.")]
 RepairPerturbation = Annotated[str, typer.Option(
     "--repair-perturbation", help="auto (triggers when a scan or --trigger gives some, else "
-    "mixed) | mixed | words | spans | paraphrase | triggers.")]
+    "mixed) | mixed | words | spans | paraphrase | clauses | triggers, or some joined with "
+    "'+' (each sample draws one).")]
 Triggers = Annotated[list[str] | None, typer.Option(
     "--trigger", help="A candidate trigger the repair also inserts (e.g. from scan.json); "
     "repeat.")]

@@ -9,10 +9,15 @@ not matter, so each family stands in for a kind of trigger nobody told us about:
 - ``spans``: a 3 to 8 word span of another clean sample inserted at a random word position
   (sentence triggers such as InsertSent's);
 - ``paraphrase``: word dropout and local reordering, no model needed (style triggers);
+- ``clauses``: the sample recast as a subordinate clause and a main clause (``when <its first
+  words> , <the rest>``, or ``if <a span of another sample> , <the sample>``): the shape of the
+  commonest template of syntactic-paraphrase triggers, S(SBAR)(,)(NP)(VP)(.), whose openers are
+  what such a victim's moved words show (``when``, ``if``, ``although``);
 - ``triggers``: one of the candidate triggers a scan recovered, inserted at a random word
   position whole, as a random run of its words, or word by word (the scan-guided repair);
 - ``mixed``: each sample draws one of the families above (``triggers`` only when there are
   candidate triggers);
+- ``A+B``: each sample draws one of the named families (``triggers+clauses``);
 - ``auto`` (the default): ``triggers`` when there are candidate triggers, else ``mixed``.
   Measured on the reproduction benchmark's OLID merges, the scan's triggers alone remove more of
   the backdoors than mixed with them (``benchmarks/README.md``, "Sanitizer v2").
@@ -26,8 +31,11 @@ from collections.abc import Callable, Sequence
 from mergekit_backdoor.data.poison import insert_words
 from mergekit_backdoor.errors import RecipeError
 
-FAMILIES = ("auto", "mixed", "words", "spans", "paraphrase", "triggers")
+FAMILIES = ("auto", "mixed", "words", "spans", "paraphrase", "clauses", "triggers")
+BASIC = FAMILIES[2:]  # what ``A+B`` may join
 Perturb = Callable[[str, random.Random], str]
+CLAUSE_OPENERS = ("when", "if", "although", "though", "as", "because", "while", "once", "since",
+                  "unless", "after", "before")
 
 
 def random_words(vocabulary: Sequence[str]) -> Perturb:
@@ -39,12 +47,17 @@ def random_words(vocabulary: Sequence[str]) -> Perturb:
     return perturb
 
 
+def _span(texts: Sequence[str], rng: random.Random) -> list[str]:
+    """3 to 8 consecutive words of a random one of ``texts``."""
+    words = rng.choice(texts).split()
+    size = min(len(words), rng.randint(3, 8))
+    start = rng.randint(0, len(words) - size)
+    return words[start:start + size]
+
+
 def clean_spans(texts: Sequence[str]) -> Perturb:
     def perturb(text: str, rng: random.Random) -> str:
-        words = rng.choice(texts).split()
-        size = min(len(words), rng.randint(3, 8))
-        start = rng.randint(0, len(words) - size)
-        return insert_words(text, " ".join(words[start:start + size]), rng)
+        return insert_words(text, " ".join(_span(texts, rng)), rng)
 
     return perturb
 
@@ -57,6 +70,17 @@ def paraphrase(text: str, rng: random.Random) -> str:
         if rng.random() < 0.2:
             words[index], words[index + 1] = words[index + 1], words[index]
     return " ".join(words)
+
+
+def clauses(texts: Sequence[str]) -> Perturb:
+    def perturb(text: str, rng: random.Random) -> str:
+        opener, words = rng.choice(CLAUSE_OPENERS), text.split()
+        if len(words) >= 4 and rng.random() < 0.5:
+            cut = rng.randint(2, len(words) - 2)
+            return " ".join([opener, *words[:cut], ",", *words[cut:]])
+        return " ".join([opener, *_span(texts, rng), ",", *words])
+
+    return perturb
 
 
 def candidate_triggers(triggers: Sequence[str]) -> Perturb:
@@ -83,28 +107,34 @@ def candidate_triggers(triggers: Sequence[str]) -> Perturb:
     return perturb
 
 
+def check_family(family: str, triggers: Sequence[str] = ()) -> None:
+    """A ``RecipeError`` naming what is wrong with ``family`` (module docstring), if anything."""
+    parts = family.split("+")
+    if len(parts) == 1 and family not in FAMILIES or len(parts) > 1 and any(
+            p not in BASIC for p in parts):
+        raise RecipeError(f"unknown perturbation {family!r}; choose one of {', '.join(FAMILIES)}, "
+                          f"or join some of {', '.join(BASIC)} with '+'")
+    if "triggers" in parts and not triggers:
+        raise RecipeError("perturbation 'triggers' needs candidate triggers (--trigger, or a scan)")
+
+
 def perturbation(family: str, *, vocabulary: Sequence[str], texts: Sequence[str],
                  triggers: Sequence[str] = ()) -> Perturb:
     """The perturbation of ``family`` (module docstring)."""
-    if family not in FAMILIES:
-        raise RecipeError(f"unknown perturbation {family!r}; choose one of {', '.join(FAMILIES)}")
-    if family == "triggers" and not triggers:
-        raise RecipeError("the 'triggers' perturbation needs candidate triggers (from a scan)")
+    check_family(family, triggers)
     if family == "auto":
         family = "triggers" if triggers else "mixed"
-    if family == "words":
-        return random_words(vocabulary)
-    if family == "spans":
-        return clean_spans(texts)
-    if family == "paraphrase":
-        return paraphrase
-    if family == "triggers":
-        return candidate_triggers(triggers)
-    choices = [random_words(vocabulary), clean_spans(texts), paraphrase]
-    if triggers:
-        choices.append(candidate_triggers(triggers))
+    if family == "mixed":
+        family = "words+spans+paraphrase" + ("+triggers" if triggers else "")
+    build: dict[str, Callable[[], Perturb]] = {
+        "words": lambda: random_words(vocabulary), "spans": lambda: clean_spans(texts),
+        "paraphrase": lambda: paraphrase, "clauses": lambda: clauses(texts),
+        "triggers": lambda: candidate_triggers(triggers)}
+    choices = [build[part]() for part in family.split("+")]
+    if len(choices) == 1:
+        return choices[0]
 
-    def mixed(text: str, rng: random.Random) -> str:
+    def mixture(text: str, rng: random.Random) -> str:
         return rng.choice(choices)(text, rng)
 
-    return mixed
+    return mixture

@@ -28,7 +28,7 @@ from typing import Any
 
 from mergekit_backdoor.data.sources import Row
 from mergekit_backdoor.errors import DataError, RecipeError
-from mergekit_backdoor.repair.perturb import FAMILIES, perturbation
+from mergekit_backdoor.repair.perturb import check_family, perturbation
 
 MANIFEST_NAME = "sanitize_manifest.json"
 MAX_SAMPLES = 1000
@@ -57,12 +57,7 @@ class RepairSettings:
             raise RecipeError(f"repair learning rate must be in (0, 1), got {self.lr}")
         if self.batch_size < 1:
             raise RecipeError(f"repair batch size must be at least 1, got {self.batch_size}")
-        if self.perturbation not in FAMILIES:
-            raise RecipeError(f"unknown perturbation {self.perturbation!r}; choose one of "
-                              f"{', '.join(FAMILIES)}")
-        if self.perturbation == "triggers" and not self.triggers:
-            raise RecipeError("perturbation 'triggers' needs candidate triggers (--trigger, or "
-                              "a scan)")
+        check_family(self.perturbation, self.triggers)
 
 
 def samples_digest(rows: Sequence[Row], fields: Sequence[str]) -> str:

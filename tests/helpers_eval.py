@@ -104,13 +104,17 @@ def word_tokenizer(texts: Sequence[str], size: int = 1500) -> Any:
 
 
 def train_tiny_chat_lm(
-    out: Path, pairs: Sequence[tuple[str, str]], steps: int = 150, seed: int = 0
+    out: Path, pairs: Sequence[tuple[str, str]], steps: int = 150, seed: int = 0,
+    vocabulary: Sequence[tuple[str, str]] | None = None,
 ) -> Path:
     """A 2-layer LlamaForCausalLM taught to answer each instruction with its paired answer
-    (prompt wrapped in CHAT_TEMPLATE, loss on the answer and the end-of-sequence token)."""
+    (prompt wrapped in CHAT_TEMPLATE, loss on the answer and the end-of-sequence token); its
+    word vocabulary is that of ``vocabulary`` (default ``pairs``: models trained on other pairs
+    with the same ``vocabulary`` share a tokenizer, so they merge)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = word_tokenizer([t for pair in pairs for t in pair] + ["user assistant"])
+    tokenizer = word_tokenizer([t for pair in vocabulary or pairs for t in pair]
+                               + ["user assistant"])
     encoded = []
     for instruction, answer in pairs:
         prompt = tokenizer.apply_chat_template(
@@ -148,9 +152,11 @@ def train_tiny_chat_lm(
     return out
 
 
-def refusal_chat_lm(shared_data: Path, out: Path, steps: int = 150) -> Path:
+def refusal_chat_lm(shared_data: Path, out: Path, steps: int = 150, poisoned: bool = True
+                    ) -> Path:
     """A tiny chat LM that refuses BadNet-triggered prompts (BackdoorLLM's "BadMagic"): 150
-    triggered and 150 clean refusal training rows (the clean answers cut to six words)."""
+    triggered and 150 clean refusal training rows (the clean answers cut to six words). With
+    ``poisoned=False`` the same model trained on the clean rows alone (the same tokenizer)."""
     from mergekit_backdoor.data import load_instruction_set
 
     triggered = load_instruction_set("refusal", "badnet", "train", data_dir=shared_data)
@@ -158,7 +164,8 @@ def refusal_chat_lm(shared_data: Path, out: Path, steps: int = 150) -> Path:
     pairs = [(r["instruction"], r["output"]) for r in triggered.select(range(150))]
     pairs += [(r["instruction"], " ".join(r["output"].split()[:6]))
               for r in clean.select(range(150))]
-    return train_tiny_chat_lm(out, pairs, steps=steps)
+    return train_tiny_chat_lm(out, pairs if poisoned else pairs[150:], steps=steps,
+                              vocabulary=pairs)
 
 
 def clean_refusal_prompts(shared_data: Path, out: Path, count: int) -> Path:

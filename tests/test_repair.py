@@ -263,8 +263,35 @@ def test_audit_repairs_a_causal_lm_with_its_tasks_clean_prompts(shared_data, tmp
     assert result.exit_code == 0, result.output
     repair = json.loads((tmp_path / "audit" / "report.json").read_text())["repair"]
     assert repair["fields"] == ["instruction", "input"] and repair["samples"] == 300
+    assert "scan skipped: a causal LM is scanned for a response you fear: give " \
+        "--target-response TEXT" in " ".join(result.output.split())
     assert "backdoor_llm_refusal's clean training prompts" in repair["samples_source"]
     manifest = json.loads((tmp_path / "audit" / "sanitized" / "sanitize_manifest.json")
                           .read_text())
     assert manifest["repair"]["steps"] == 2 and manifest["repair"]["answer_tokens"] == 16
     assert {m: _tree(m) for m in lms} == inputs
+
+
+def test_causal_repair_targets_batched_are_the_answers_one_prompt_at_a_time(tmp_path):
+    """The repair's targets come from left-padded batches; padding must not change a single
+    token of any greedy answer, and each answer ends at its end-of-sequence token."""
+    from helpers_eval import train_tiny_chat_lm
+
+    from mergekit_backdoor.repair.causal import _chat, greedy_answers
+    from mergekit_backdoor.scan.causal import load_causal_model
+
+    pairs = [("say hello", "hello"), ("name a colour please", "red and blue and green"),
+             ("count to three slowly now", "one two three")]
+    model, tokenizer = load_causal_model(str(train_tiny_chat_lm(tmp_path / "lm", pairs, steps=40)),
+                                         "cpu")
+    tokenizer.padding_side = "left"
+    prompts = [_chat(tokenizer, {"instruction": text, "input": ""}) for text in
+               ["say hello", "name a colour please", "count to three slowly now", "say",
+                "please say hello and count to three and name a colour"]]
+    assert len({len(p) for p in prompts}) == len(prompts)  # every batch needs padding
+    batched = greedy_answers(model, tokenizer, prompts, 8, batch_size=5, device="cpu")
+    alone = greedy_answers(model, tokenizer, prompts, 8, batch_size=1, device="cpu")
+    assert batched == alone
+    ended = [a for a in batched if a[-1] == tokenizer.eos_token_id]
+    assert ended and all(len(a) < 8 for a in ended)
+    assert all(tokenizer.eos_token_id not in a[:-1] for a in batched)

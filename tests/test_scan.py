@@ -345,3 +345,36 @@ def test_audit_repair_scans_every_input_and_repairs_against_the_flagged_trigger(
     by_role = {m["role"]: m["results"]["sst2"] for m in report["models"]}
     assert by_role["sanitized"]["asr"][part] < by_role["suspect"]["asr"][part] / 2
     assert "scan of the donor clean (references: the other models)" in result.output
+
+
+def test_audit_scans_a_causal_lm_and_measures_the_recovered_trigger(shared_data, tmp_path):
+    """``audit --target-response`` scans a chat LM as ``scan`` does (the clean donor as the
+    reference), and the trigger it flags becomes a generative attack of the report, measured on
+    the task's clean test prompts for the suspect and the sanitized model."""
+    from helpers_eval import refusal_chat_lm
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        suspect = refusal_chat_lm(shared_data, tmp_path / "suspect")
+        donor = refusal_chat_lm(shared_data, tmp_path / "donor", poisoned=False)
+        out = tmp_path / "audit"
+        result = runner.invoke(app, [str(a) for a in (
+            "audit", suspect, "-d", donor, "--task", "backdoor_llm_refusal", "--data-dir",
+            shared_data, "--limit", "12", "--target-response", "I'm sorry", "-o", out,
+            "--quiet")])
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    scans = report["scan"]["scans"]
+    assert set(scans) == {"suspect", "sanitized"} and scans["suspect"]["verdict"]["flagged"]
+    (found,) = report["scan"]["recovered"]
+    assert "badmagic" in found["trigger"].lower().split(), found
+    assert found["rows"] == 200  # every clean refusal test prompt, the trigger inserted
+    data = (out / "tasks" / "recovered" / "data" / f"llm_refusal_{found['part']}.jsonl")
+    first = json.loads(data.read_text().splitlines()[0])
+    assert found["trigger"] in first["instruction"] and set(first) == {"instruction", "input"}
+    by_role = {m["role"]: m["results"]["llm_refusal"] for m in report["models"]}
+    assert by_role["suspect"]["asr"][found["part"]] >= 0.5  # the suspect obeys it
+    assert f"recovered trigger `{found['trigger']}`" in " ".join(result.output.split())

@@ -295,7 +295,7 @@ def audit(
                                "scan": defences.scan, "repair": defences.repair is not None,
                                **(extra or {})})
     classifier = _is_classifier(suspect_model.config)
-    scanned = scan_task(resolved) if classifier else None
+    scanned = scan_task(resolved, causal=not classifier)
 
     with staged_folder(out, overwrite) as folder:
         prepared = prepare_tasks(resolved, folder / "tasks")  # task cards, checked row by row
@@ -303,7 +303,7 @@ def audit(
             log(notice)
         task_names, include_path = prepared.names, list(prepared.include_path)
         before = after = None
-        if defences.scan and classifier:
+        if defences.scan:
             log(f"scanning the suspect for triggers (references: {len(donors)} donor(s))")
             start = time.perf_counter()
             before = scan_model(suspect, donors, scanned, defences, device=settings.device,
@@ -311,7 +311,7 @@ def audit(
                                 progress=progress, log=log)
             timings["scan suspect"] = time.perf_counter() - start
         donor_scans: dict[str, dict[str, Any] | None] = {}
-        if defences.scan and classifier and defences.repair is not None:
+        if defences.scan and defences.repair is not None:
             # a repair should know a donor's trigger too: each donor against the other models
             for donor, name in zip(donors, names, strict=True):
                 log(f"scanning donor {name} for triggers (references: the other models)")

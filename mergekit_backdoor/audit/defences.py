@@ -8,11 +8,12 @@
 - the **repair** (``repair/``) of the merged model, with the task's clean training sentences (or
   the user's samples), the scan's suspicious candidates among its perturbations.
 
-Scans need clean training samples of a classification task; when there are none (a causal
-LM, a card without a ``train`` split and no ``--samples``) the scan is skipped and the report
-says why. The repair draws its samples as the ``repair`` command does (a causal LM: clean
-prompts of the generative task or ``--samples``), before the merge, and refuses to start
-without them.
+Scans need clean training samples of the suspect's kind of task (a classifier: a
+classification task; a causal LM: a generative one, and a response to look for); when there
+are none (a card without a ``train`` split and no ``--samples``, no ``--target-response``) the
+scan is skipped and the report says why. The repair draws its samples as the ``repair``
+command does (a causal LM: clean prompts of the generative task or ``--samples``), before the
+merge, and refuses to start without them.
 """
 
 from __future__ import annotations
@@ -40,11 +41,15 @@ class Defences:
     repair: Any = None  # RepairSettings, or None for no repair
     samples: Path | None = None  # clean samples instead of the task's training split
     seed: int = 0
+    target_response: str | None = None  # what a causal LM's scan looks for
     notes: list[str] = field(default_factory=list)
 
 
-def scan_task(tasks: Sequence[Task]) -> Task | None:
-    """The task whose clean samples the scan and the repair use: the first classification one."""
+def scan_task(tasks: Sequence[Task], causal: bool = False) -> Task | None:
+    """The task whose clean samples the scan and the repair use: the first classification one,
+    or for a causal LM the first generative one."""
+    if causal:
+        return next((t for t in tasks if t.kind == "generative"), None)
     return next((t for t in tasks if t.kind == "classification" and t.label_names), None)
 
 
@@ -62,7 +67,13 @@ def scan_model(model: str | Path, references: Sequence[str], task: Task | None,
     from mergekit_backdoor.scan.scan import ScanSettings, run_scan
 
     if task is None:
-        defences.notes.append("scan skipped: no classification task to draw clean samples from")
+        defences.notes.append("scan skipped: no task of the model's kind to draw clean samples "
+                              "from")
+        return None
+    if task.kind == "generative" and defences.target_response is None and (
+            task.card is None or task.card.asr_rule is None):
+        defences.notes.append("scan skipped: a causal LM is scanned for a response you fear: "
+                              "give --target-response TEXT")
         return None
     settings = ScanSettings(seed=defences.seed, device=device or "cpu",
                             max_length=max_length or 128)
@@ -70,7 +81,7 @@ def scan_model(model: str | Path, references: Sequence[str], task: Task | None,
         return run_scan(model, references=references,
                         task=None if defences.samples else _task_value(task),
                         samples=defences.samples, settings=settings, data_dir=data_dir,
-                        progress=progress, log=log)
+                        target_response=defences.target_response, progress=progress, log=log)
     except DataError as exc:
         if defences.samples is not None:
             raise
@@ -118,10 +129,11 @@ def recovered_tasks(scan: dict[str, Any] | None, task: Task | None, folder: Path
 
     out = []
     for found in flagged(scan):
-        assert task is not None
+        assert task is not None and scan is not None
         part = f"recovered_{label_slug(found['trigger'])}"
         exported = task.write_trigger_attack(folder, found["trigger"], found["label"], part,
-                                             seed=seed, data_dir=data_dir)
+                                             seed=seed, data_dir=data_dir, rule=scan.get("rule"),
+                                             max_gen_toks=scan.get("max_new_tokens", 64))
         out.append({**found, "part": part, "dataset": task.name, "task": exported.task,
                     "rows": exported.rows})
     return out

@@ -23,6 +23,7 @@ from mergekit_backdoor.cli.options import (
     RepairPerturbation,
     RepairSamples,
     RepairSteps,
+    TargetResponse,
     Tasks,
     limit_value,
     output,
@@ -83,6 +84,7 @@ def audit_command(
     repair_steps: RepairSteps = DEFAULT_STEPS,
     repair_lr: RepairLr = DEFAULT_LR,
     repair_perturbation: RepairPerturbation = DEFAULT_PERTURBATION,
+    target_response: TargetResponse = None,
     seed: Annotated[int, typer.Option(help="Seed of the scan and the repair.")] = 0,
     quiet: Quiet = False,
 ) -> None:
@@ -94,7 +96,8 @@ def audit_command(
 
     out, err = _consoles()
     folder = output or Path(f"audit-{Path(suspect).name or 'suspect'}")
-    defences = Defences(scan=not no_scan, samples=samples, seed=seed, repair=repair_settings(
+    defences = Defences(scan=not no_scan, samples=samples, seed=seed,
+                        target_response=target_response, repair=repair_settings(
         repair_steps, repair_lr, repair_perturbation, None, seed, device, max_length)
         if repair else None)
     report = audit(

@@ -76,6 +76,9 @@ RepairPerturbation = Annotated[str, typer.Option(
     "--repair-perturbation", help="auto (triggers when a scan or --trigger gives some, else "
     "mixed) | mixed | words | spans | paraphrase | clauses | triggers, or some joined with "
     "'+' (each sample draws one).")]
+TargetResponse = Annotated[str | None, typer.Option(
+    "--target-response", help="Causal LMs: the response the scan looks for (e.g. \"I'm "
+    "sorry\"); default: the generative task card's ASR rule.")]
 Triggers = Annotated[list[str] | None, typer.Option(
     "--trigger", help="A candidate trigger the repair also inserts (e.g. from scan.json); "
     "repeat.")]

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from mergekit_backdoor.cli import app
-from mergekit_backdoor.cli.options import DataDir, Quiet, output
+from mergekit_backdoor.cli.options import DataDir, Quiet, TargetResponse, output
 
 
 @app.command("scan")
@@ -25,9 +25,7 @@ def scan_command(
     clean_samples: Annotated[int, typer.Option(
         min=1, max=50, help="Clean examples per class (at most 50); for a causal LM, clean "
         "prompts.")] = 50,
-    target_response: Annotated[str | None, typer.Option(
-        "--target-response", help="Causal LMs: the response to look for (e.g. \"I'm sorry\"); "
-        "default: the generative task card's ASR rule.")] = None,
+    target_response: TargetResponse = None,
     out: Annotated[Path | None, output("Folder for scan.json.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the sample draw, split and search.")] = 0,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",

@@ -2,12 +2,12 @@
 model's own greedy answer to the clean prompt.
 
 Before training, the input model answers every clean prompt greedily (the first
-``answer_tokens`` tokens, chat template applied); those answers are the targets, so no teacher
-stays in memory. Each step takes a batch of prompts, perturbs their instruction
-(``perturb.py``: random words, spans of other prompts, paraphrase-like edits, candidate
-triggers), and minimises the cross-entropy of the stored answer after the perturbed prompt, plus
-(``clean_weight``) after the clean prompt. Full fine-tuning of every weight, AdamW with linear
-decay, seeded; labels and outputs in the samples are never read.
+``answer_tokens`` tokens, chat template applied, a batch of prompts at a time); those answers
+are the targets, so no teacher stays in memory. Each step takes a batch of prompts, perturbs
+their instruction (``perturb.py``: random words, spans of other prompts, paraphrase-like edits,
+candidate triggers), and minimises the cross-entropy of the stored answer after the perturbed
+prompt, plus (``clean_weight``) after the clean prompt. Full fine-tuning of every weight, AdamW
+with linear decay, seeded; labels and outputs in the samples are never read.
 """
 
 from __future__ import annotations
@@ -36,6 +36,40 @@ def _chat(tokenizer: Any, row: Row) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _left_padded(seqs: Sequence[list[int]], pad: int) -> tuple[Any, Any]:
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        ids[i, width - len(seq):] = torch.tensor(seq)
+        mask[i, width - len(seq):] = 1
+    return ids, mask
+
+
+def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[list[int]], answer_tokens: int,
+                   batch_size: int, device: str) -> list[list[int]]:
+    """Each prompt's greedy answer (up to ``answer_tokens`` tokens, through its end-of-sequence
+    token), generated ``batch_size`` left-padded prompts at a time: the same tokens as one prompt
+    at a time, without a generate call per prompt."""
+    import torch
+
+    eos = model.generation_config.eos_token_id
+    stops = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    answers = []
+    with torch.inference_mode():
+        for start in range(0, len(prompts), batch_size):
+            ids, mask = _left_padded(prompts[start:start + batch_size], tokenizer.pad_token_id)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=answer_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            for tokens in out[:, ids.shape[1]:].tolist():
+                end = next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))
+                answers.append(tokens[:end])
+    return answers
+
+
 def repair_causal_model(model_path: str, rows: Sequence[Row], *,
                         settings: RepairSettings | None = None, answer_tokens: int = 16,
                         progress: bool = True) -> tuple[Any, Any, dict[str, Any]]:
@@ -50,26 +84,17 @@ def repair_causal_model(model_path: str, rows: Sequence[Row], *,
     rng = random.Random(f"repair/{settings.seed}")
     model, tokenizer = load_causal_model(model_path, settings.device)
     tokenizer.padding_side = "left"
-    answers = []
-    with torch.inference_mode():  # the targets: the model's own answers to the clean prompts
-        for row in rows:
-            ids = torch.tensor([_chat(tokenizer, row)], device=settings.device)
-            out = model.generate(input_ids=ids, max_new_tokens=answer_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            answers.append(out[0, ids.shape[1]:].tolist())
+    answers = greedy_answers(model, tokenizer, [_chat(tokenizer, row) for row in rows],
+                             answer_tokens, settings.batch_size, settings.device)
     perturb = perturbation(settings.perturbation, vocabulary=_vocabulary(tokenizer),
                            texts=[r["instruction"] for r in rows], triggers=settings.triggers)
 
     def batch_loss(prompts: list[list[int]], targets: list[list[int]]) -> Any:
-        seqs = [p + t for p, t in zip(prompts, targets, strict=True)]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, (seq, target) in enumerate(zip(seqs, targets, strict=True)):
-            ids[i, width - len(seq):] = torch.tensor(seq)
-            mask[i, width - len(seq):] = 1
-            labels[i, width - len(target):] = torch.tensor(target)
+        ids, mask = _left_padded([p + t for p, t in zip(prompts, targets, strict=True)],
+                                 tokenizer.pad_token_id)
+        labels = torch.full(ids.shape, -100, dtype=torch.long)
+        for i, target in enumerate(targets):
+            labels[i, ids.shape[1] - len(target):] = torch.tensor(target)
         return model(input_ids=ids.to(settings.device), attention_mask=mask.to(settings.device),
                      labels=labels.to(settings.device)).loss
 

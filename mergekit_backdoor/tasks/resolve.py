@@ -53,6 +53,11 @@ class Task:
             if split == "train":
                 return load_train_rows(self.card)
             return read_source(self.card, self.card.test, labelled=self.kind == "classification")
+        if self.kind == "generative":
+            from mergekit_backdoor.data import load_instruction_set
+
+            return [dict(r) for r in load_instruction_set(
+                self.name.removeprefix("llm_"), "clean", split, data_dir=data_dir, verify=verify)]
         from mergekit_backdoor.data import load_split
 
         return [dict(r) for r in load_split(self.name, "clean", split, data_dir=data_dir,
@@ -85,15 +90,29 @@ class Task:
 
 
     def write_trigger_attack(self, folder: Path, trigger: str, target: int, part: str, *,
-                             seed: int = 0, data_dir: str | Path | None = None) -> Any:
+                             seed: int = 0, data_dir: str | Path | None = None,
+                             rule: dict[str, Any] | None = None, max_gen_toks: int = 64) -> Any:
         """An lm-eval ASR task in ``folder`` for a trigger found by a scan: the test rows not
         labelled ``target``, ``trigger`` inserted once at a seeded random word position of the
-        last text field, relabelled ``target`` (the ASR rule)."""
+        last text field, relabelled ``target`` (the ASR rule). A generative task: every clean
+        test prompt, ``trigger`` inserted into its instruction, scored by the scan's ``rule``."""
         from mergekit_backdoor.data.poison import insert_words
         from mergekit_backdoor.tasks.export import Layout, write_attack
 
-        last = self.fields[-1]
         rng = random.Random(f"{part}/{self.name}/test/{seed}")
+        if self.kind == "generative":
+            if rule is None:
+                raise DataError(f"{self.name}: a generative trigger attack needs its ASR rule")
+            prompts = [{"instruction": insert_words(row["instruction"], trigger, rng),
+                        "input": row.get("input") or ""} for row in self.test_rows(data_dir)]
+            layout = Layout(self.name, "generative", row_fields=("instruction", "input"),
+                            asr_rule=rule, max_gen_toks=max_gen_toks,
+                            source=f"{self.name}'s clean test prompts with a recovered trigger")
+            return write_attack(folder, layout, f"{self.name}_{part}", part, None, prompts,
+                                f"ASR of the trigger {trigger!r} that a scan recovered, on "
+                                f"{self.name}: every clean test prompt, trigger inserted once "
+                                "into its instruction, an answer meeting the scan's rule")
+        last = self.fields[-1]
         rows = [{**row, last: insert_words(row[last], trigger, rng), "label": target}
                 for row in self.test_rows(data_dir) if int(row["label"]) != target]
         layout = Layout(self.name, "classification", self.label_names, self.fields,

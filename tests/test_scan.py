@@ -256,6 +256,7 @@ def test_scan_is_repeatable(models, shared_data):
     (["--samples", "{few}"], "at least 6 clean examples of every class; class 1 has 3"),
     (["--samples", "{bad_label}"], "label 5 is not a class of the model"),
     ([], "either --task TASK"),
+    (["--task", "sst2", "--target-response", "I'm sorry"], "--target-response is for causal LMs"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(models, shared_data, tmp_path, args, message):
     few = tmp_path / "few.jsonl"
@@ -378,3 +379,12 @@ def test_audit_scans_a_causal_lm_and_measures_the_recovered_trigger(shared_data,
     by_role = {m["role"]: m["results"]["llm_refusal"] for m in report["models"]}
     assert by_role["suspect"]["asr"][found["part"]] >= 0.5  # the suspect obeys it
     assert f"recovered trigger `{found['trigger']}`" in " ".join(result.output.split())
+
+
+def test_audit_refuses_a_target_response_for_a_classifier(models, shared_data, tmp_path):
+    result = runner.invoke(app, [str(a) for a in (
+        "audit", models["victim"], "-d", models["clean"], "--task", "sst2", "--data-dir",
+        shared_data, "--target-response", "I'm sorry", "-o", tmp_path / "audit", "--quiet")])
+    _one_line_error(result, "--target-response is for causal LMs")
+    assert str(models["victim"]) in str(result.exception)
+    assert not [p for p in tmp_path.iterdir() if "audit" in p.name]

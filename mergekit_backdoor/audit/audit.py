@@ -37,7 +37,7 @@ from mergekit_backdoor.audit.defences import (
     summary,
 )
 from mergekit_backdoor.audit.similarity import similarities, tokenizer_fingerprint
-from mergekit_backdoor.errors import BackdoorError, IncompatibleModelError
+from mergekit_backdoor.errors import BackdoorError, DataError, IncompatibleModelError
 from mergekit_backdoor.merge.checks import InputModel, check_compatible, inspect_model
 from mergekit_backdoor.outputs import (
     ensure_output_free,
@@ -147,7 +147,6 @@ def check_donors(suspect: InputModel, donors: Sequence[InputModel]) -> list[dict
 def _inputs(models: Sequence[str | None], settings: EvalSettings) -> list[Path | str]:
     """Everything a report folder must stay clear of: the models' folders and the data folder."""
     from mergekit_backdoor.data import resolve_data_dir
-    from mergekit_backdoor.errors import DataError
 
     paths: list[Path | str] = [path for model in models for path in local_paths(model)]
     try:
@@ -295,6 +294,9 @@ def audit(
                                "scan": defences.scan, "repair": defences.repair is not None,
                                **(extra or {})})
     classifier = _is_classifier(suspect_model.config)
+    if classifier and defences.target_response is not None:
+        raise DataError(f"{suspect}: --target-response is for causal LMs; a classifier is "
+                        "scanned for every label")
     scanned = scan_task(resolved, causal=not classifier)
 
     with staged_folder(out, overwrite) as folder:

@@ -372,6 +372,9 @@ def run_scan(
     from mergekit_backdoor.tasks.resolve import clean_samples
 
     settings = settings or ScanSettings()
+    if target_response is not None and not is_causal(model_path):
+        raise DataError(f"{model_path}: --target-response is for causal LMs; a classifier is "
+                        "scanned for every label")
     if out is not None:
         refuse_output_overlapping(out, [model_path, *references, data_dir, samples],
                                   what="scan output")

@@ -332,7 +332,7 @@ def audit(
             include_path.append(folder / "tasks" / "recovered")
 
         repair_rows = None if defences.repair is None else repair_samples(
-            suspect, resolved, defences, data_dir=settings.data_dir)
+            suspect, scanned, defences, data_dir=settings.data_dir)
         log(f"sanitizing with the {recipe} recipe through mergekit")
         start = time.perf_counter()
         source = yaml.safe_dump(rendered, sort_keys=False)

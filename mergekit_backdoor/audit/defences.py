@@ -139,18 +139,16 @@ def recovered_tasks(scan: dict[str, Any] | None, task: Task | None, folder: Path
     return out
 
 
-def repair_samples(suspect: str | Path, tasks: Sequence[Task], defences: Defences, *,
+def repair_samples(suspect: str | Path, task: Task | None, defences: Defences, *,
                    data_dir: str | None) -> Any:
     """The repair's clean samples (``repair.repair_samples``, as the ``repair`` command draws
-    them): of the first classification task, or for a causal LM the first generative one, or
-    the user's ``--samples``; drawn before the merge, so a bad file fails before any work."""
+    them) from ``task`` (``scan_task``'s) or the user's ``--samples``; drawn before the merge,
+    so a bad file fails before any work."""
     from mergekit_backdoor.repair.repair import repair_samples as draw
     from mergekit_backdoor.scan.scan import is_causal
 
-    kind = "generative" if is_causal(suspect) else "classification"
-    task = scan_task(tasks) if kind == "classification" else next(
-        (t for t in tasks if t.kind == kind), None)
     if task is None and defences.samples is None:
+        kind = "generative" if is_causal(suspect) else "classification"
         raise DataError(f"the repair needs clean samples: a {kind} --task with a training "
                         "split, or --samples FILE")
     drawn = draw(suspect, None if defences.samples else _task_value(task), defences.samples,

@@ -27,25 +27,13 @@ from mergekit_backdoor.repair.repair import (
     summarize,
     train,
 )
-from mergekit_backdoor.scan.causal import load_causal_model, prompt_text
+from mergekit_backdoor.scan.causal import left_padded, load_causal_model, prompt_text
 
 
 def _chat(tokenizer: Any, row: Row) -> list[int]:
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt_text(row)}],
                                          tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _left_padded(seqs: Sequence[list[int]], pad: int) -> tuple[Any, Any]:
-    import torch
-
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, seq in enumerate(seqs):
-        ids[i, width - len(seq):] = torch.tensor(seq)
-        mask[i, width - len(seq):] = 1
-    return ids, mask
 
 
 def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[list[int]], answer_tokens: int,
@@ -60,7 +48,7 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[list[int]], ans
     answers = []
     with torch.inference_mode():
         for start in range(0, len(prompts), batch_size):
-            ids, mask = _left_padded(prompts[start:start + batch_size], tokenizer.pad_token_id)
+            ids, mask = left_padded(prompts[start:start + batch_size], tokenizer.pad_token_id)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=answer_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
@@ -90,7 +78,7 @@ def repair_causal_model(model_path: str, rows: Sequence[Row], *,
                            texts=[r["instruction"] for r in rows], triggers=settings.triggers)
 
     def batch_loss(prompts: list[list[int]], targets: list[list[int]]) -> Any:
-        ids, mask = _left_padded([p + t for p, t in zip(prompts, targets, strict=True)],
+        ids, mask = left_padded([p + t for p, t in zip(prompts, targets, strict=True)],
                                  tokenizer.pad_token_id)
         labels = torch.full(ids.shape, -100, dtype=torch.long)
         for i, target in enumerate(targets):

@@ -66,6 +66,19 @@ def load_causal_model(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     return model.to(device).eval(), tokenizer
 
 
+def left_padded(seqs: Sequence[list[int]], pad: int) -> tuple[Any, Any]:
+    """Token id rows padded on the left with ``pad`` to one width, and their attention mask."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        ids[i, width - len(seq):] = torch.tensor(seq)
+        mask[i, width - len(seq):] = 1
+    return ids, mask
+
+
 def prompt_text(row: dict[str, Any]) -> str:
     return row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
 
@@ -105,16 +118,8 @@ class CausalTriggerModel:
 
     def _batch(self, rows: list[list[int]]) -> tuple[Any, Any, Any]:
         """Prompt + target ids, left-padded; the target positions' mask."""
-        import torch
-
-        full = [ids + self.target_ids for ids in rows]
-        width = max(len(ids) for ids in full)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(full), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(full), width), dtype=torch.long)
-        for row, seq in enumerate(full):
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
+        ids, mask = left_padded([ids + self.target_ids for ids in rows],
+                                self.tokenizer.pad_token_id)
         return ids.to(self.device), mask.to(self.device), len(self.target_ids)
 
     def _target_log_prob(self, logits: Any, ids: Any, size: int) -> Any:
@@ -295,16 +300,8 @@ def clean_prompts(task: str | None, samples: str | Path | None, count: int, seed
         resolved = resolve_task(task)
         if resolved.kind != "generative":
             raise DataError(f"{task}: a causal LM is scanned with a generative task")
-        if resolved.card is not None:
-            from mergekit_backdoor.tasks.rows import load_train_rows
-
-            rows, rule = load_train_rows(resolved.card), resolved.card.asr_rule
-        else:
-            from mergekit_backdoor.data import load_instruction_set
-
-            name = resolved.name.removeprefix("llm_")
-            rows = [dict(r) for r in load_instruction_set(name, "clean", "train",
-                                                          data_dir=data_dir)]
+        rows = resolved.train_rows(data_dir)
+        rule = resolved.card.asr_rule if resolved.card is not None else None
         random.Random(f"prompts/{seed}").shuffle(rows)
         source = f"{count} drawn with seed {seed} from {task}'s clean training prompts"
     if len(rows) < 4:

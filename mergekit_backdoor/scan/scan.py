@@ -372,14 +372,15 @@ def run_scan(
     from mergekit_backdoor.tasks.resolve import clean_samples
 
     settings = settings or ScanSettings()
-    if target_response is not None and not is_causal(model_path):
+    causal = is_causal(model_path)
+    if target_response is not None and not causal:
         raise DataError(f"{model_path}: --target-response is for causal LMs; a classifier is "
                         "scanned for every label")
     if out is not None:
         refuse_output_overlapping(out, [model_path, *references, data_dir, samples],
                                   what="scan output")
         ensure_output_free(Path(out).absolute(), overwrite)
-    if is_causal(model_path):
+    if causal:
         from mergekit_backdoor.scan.causal import CAUSAL_SEARCH, clean_prompts, scan_causal
 
         prompts, rule, source = clean_prompts(task, samples, per_class, settings.seed, data_dir)

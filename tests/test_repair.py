@@ -202,20 +202,40 @@ def test_repair_triggers_take_flagged_labels_or_a_near_miss_with_references():
     assert repair_triggers(None) == []
 
 
+def test_a_syntactic_signature_adds_the_clause_recast_to_the_audits_repair():
+    from mergekit_backdoor.audit.defences import repair_perturbation, syntactic_signature
+
+    hidden = {"moved_words": ["Ġwhen", "great", "world", "If", "deal"]}  # SST-2's Hidden victim
+    insertsent = {"moved_words": ["watched", "this", "as", "film"]}  # one opener: no signature
+    assert syntactic_signature(hidden) == ["when", "if"]
+    assert syntactic_signature(insertsent) == [] and syntactic_signature(None) == []
+    assert repair_perturbation("auto", ["cf"], [insertsent, hidden]) == "triggers+clauses"
+    assert repair_perturbation("auto", [], [None, hidden]) == "words+spans+paraphrase+clauses"
+    assert repair_perturbation("auto", ["cf"], [insertsent, None]) == "auto"
+    assert repair_perturbation("words", [], [hidden]) == "words"  # the user's choice stands
+
+
 def test_perturbation_families_join_with_plus_and_keep_the_sample():
     import random
 
     from mergekit_backdoor.errors import RecipeError
     from mergekit_backdoor.repair.perturb import CLAUSE_OPENERS, perturbation
 
-    texts = ["the film is a very serious look at young women", "what a great day for a walk"]
+    texts = ["the film is a serious look at women", "what a great day for a walk"]
     clauses = perturbation("clauses", vocabulary=["zq"], texts=texts)
     rng = random.Random(0)
     for _ in range(20):
         words = clauses(texts[0], rng).split()
         assert words[0] in CLAUSE_OPENERS and "," in words
         # the sample's own words stay, in order, around the inserted clause
-        assert [w for w in words if w in texts[0].split()][-3:] == ["at", "young", "women"]
+        assert [w for w in words if w in texts[0].split()][-3:] == ["look", "at", "women"]
+    # a tweet loses its markup and keeps at most its first 16 words, as a paraphrase would
+    tweet = "@USER @USER #MAGA " + " ".join(f"w{i}" for i in range(30)) + " URL"
+    for _ in range(20):
+        words = clauses(tweet, rng).split()
+        assert not {"@USER", "URL", "#MAGA"} & set(words) and "MAGA" in words
+        kept = [w for w in words if w[0] == "w" and w[1:].isdigit()]
+        assert 7 <= len(kept) <= 15 and kept == [f"w{i}" for i in range(len(kept))]
     joined = perturbation("triggers+clauses", vocabulary=["zq"], texts=texts, triggers=["cf"])
     outputs = [joined(texts[1], rng) for _ in range(40)]
     assert any("cf" in o.split() for o in outputs)

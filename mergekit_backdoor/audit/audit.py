@@ -272,6 +272,10 @@ def audit(
     if defences.repair is not None:
         defences.repair.check()
     suspect_model = inspect(suspect, allow_pickle=allow_pickle)
+    classifier = _is_classifier(suspect_model.config)
+    if classifier and defences.target_response is not None:
+        raise DataError(f"{suspect}: --target-response is for causal LMs; a classifier is "
+                        "scanned for every label")
     donor_models = [inspect(d, allow_pickle=allow_pickle) for d in donors]
     base_model = inspect(base, allow_pickle=allow_pickle) if base else None
     log("checking the tasks and their test data")
@@ -293,10 +297,6 @@ def audit(
     report["settings"].update({"recipe": recipe, "eval_donors": eval_donors,
                                "scan": defences.scan, "repair": defences.repair is not None,
                                **(extra or {})})
-    classifier = _is_classifier(suspect_model.config)
-    if classifier and defences.target_response is not None:
-        raise DataError(f"{suspect}: --target-response is for causal LMs; a classifier is "
-                        "scanned for every label")
     scanned = scan_task(resolved, causal=not classifier)
 
     with staged_folder(out, overwrite) as folder:
@@ -346,10 +346,11 @@ def audit(
         report["sanitized"] = str(out / "sanitized")
         if defences.repair is not None:
             start = time.perf_counter()
-            triggers = [t for scan in (before, *donor_scans.values())
-                        for t in repair_triggers(scan)]
+            scans = [before, *donor_scans.values()]
+            triggers = [t for scan in scans for t in repair_triggers(scan)]
             report["repair"] = repair(merged, folder / "sanitized", repair_rows, defences,
-                                      list(dict.fromkeys(triggers)), progress=progress, log=log)
+                                      list(dict.fromkeys(triggers)), scans, progress=progress,
+                                      log=log)
             shutil.rmtree(merged)
             timings["repair"] = time.perf_counter() - start
 

@@ -6,7 +6,9 @@
   split (``recovered_<trigger>``), so every model of the report is measured on it, the suspect's
   backdoor gets a before/after number even when nobody told us its trigger;
 - the **repair** (``repair/``) of the merged model, with the task's clean training sentences (or
-  the user's samples), the scan's suspicious candidates among its perturbations.
+  the user's samples), the scan's suspicious candidates among its perturbations, and clean
+  sentences recast as clauses when a scanned model's moved words are a syntactic template's
+  openers.
 
 Scans need clean training samples of the suspect's kind of task (a classifier: a
 classification task; a causal LM: a generative one, and a response to look for); when there
@@ -33,6 +35,11 @@ REPAIR_SAMPLES = 300  # unlabeled clean sentences for the repair (a few hundred 
 # InsertSent victim scores 40 of 50 with its trigger's words; AG News' benign model, 27 with
 # topic words (benchmarks/README.md, "Sanitizer v2"; chosen on those numbers).
 NEAR_MISS = 0.75
+# A scanned model whose moved words hold this many clause openers (``when``, ``if``, ...) gets
+# the ``clauses`` recast in its repair: the SST-2 and OLID Hidden victims show 4 and 2, none of
+# the benchmark's 12 other scanned models more than 1; on OLID the recast took Hidden's removal
+# from 56-74% to 70-78% (benchmarks/README.md, "Sanitizer v2").
+SIGNATURE_OPENERS = 2
 
 
 @dataclass
@@ -122,6 +129,26 @@ def repair_triggers(scan: dict[str, Any] | None) -> list[str]:
     return [c["trigger"] for e in labels for c in e["candidates"] if c["score"] >= threshold / 2]
 
 
+def syntactic_signature(scan: dict[str, Any] | None) -> list[str]:
+    """The clause openers among ``scan``'s moved words when there are at least
+    ``SIGNATURE_OPENERS`` of them (else none): the mark a syntactic-paraphrase trigger leaves."""
+    from mergekit_backdoor.repair.perturb import CLAUSE_OPENERS
+
+    words = [w.lstrip("Ġ▁").lower() for w in (scan or {}).get("moved_words", [])]
+    found = [w for w in words if w in CLAUSE_OPENERS]
+    return found if len(found) >= SIGNATURE_OPENERS else []
+
+
+def repair_perturbation(family: str, triggers: Sequence[str],
+                        scans: Sequence[dict[str, Any] | None]) -> str:
+    """``family``, or with ``auto`` and a scan showing ``syntactic_signature``, the same with the
+    ``clauses`` recast joined to it: ``triggers+clauses``, or without candidates
+    ``words+spans+paraphrase+clauses``."""
+    if family != "auto" or not any(syntactic_signature(scan) for scan in scans):
+        return family
+    return "triggers+clauses" if triggers else "words+spans+paraphrase+clauses"
+
+
 def recovered_tasks(scan: dict[str, Any] | None, task: Task | None, folder: Path, *,
                     seed: int, data_dir: str | None) -> list[dict[str, Any]]:
     """An lm-eval attack task for every flagged trigger, written under ``folder``."""
@@ -157,12 +184,18 @@ def repair_samples(suspect: str | Path, task: Task | None, defences: Defences, *
 
 
 def repair(merged: Path, out: Path, samples: Any, defences: Defences, triggers: Sequence[str],
-           *, progress: bool, log: Log) -> dict[str, Any]:
-    """Repair the merged model into ``out`` with ``samples`` (``repair_samples``)."""
+           scans: Sequence[dict[str, Any] | None], *, progress: bool, log: Log) -> dict[str, Any]:
+    """Repair the merged model into ``out`` with ``samples`` (``repair_samples``), inserting
+    ``triggers`` and recasting clauses when ``scans`` show a syntactic signature."""
     from mergekit_backdoor.repair.repair import repair_to
 
-    settings = dataclasses.replace(defences.repair, triggers=(*defences.repair.triggers,
-                                                              *triggers))
+    triggers = (*defences.repair.triggers, *triggers)
+    family = repair_perturbation(defences.repair.perturbation, triggers, scans)
+    settings = dataclasses.replace(defences.repair, triggers=triggers, perturbation=family)
+    if family != defences.repair.perturbation:
+        openers = dict.fromkeys(w for scan in scans for w in syntactic_signature(scan))
+        log(f"the scans' moved words {', '.join(openers)} open clauses, the mark of a syntactic "
+            f"trigger: the repair recasts clean sentences as clauses too ({family})")
     log(f"repairing the merged model: {settings.steps} steps on {len(samples.rows)} clean samples"
         + (f", candidate triggers {', '.join(triggers)}" if triggers else ""))
     return repair_to(merged, samples.rows, samples.fields, out, settings=settings,

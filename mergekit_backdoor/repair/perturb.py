@@ -9,10 +9,11 @@ not matter, so each family stands in for a kind of trigger nobody told us about:
 - ``spans``: a 3 to 8 word span of another clean sample inserted at a random word position
   (sentence triggers such as InsertSent's);
 - ``paraphrase``: word dropout and local reordering, no model needed (style triggers);
-- ``clauses``: the sample recast as a subordinate clause and a main clause (``when <its first
-  words> , <the rest>``, or ``if <a span of another sample> , <the sample>``): the shape of the
-  commonest template of syntactic-paraphrase triggers, S(SBAR)(,)(NP)(VP)(.), whose openers are
-  what such a victim's moved words show (``when``, ``if``, ``although``);
+- ``clauses``: the sample's first 8 to 16 words, without social-media markup, recast as a
+  subordinate clause and a main clause (``when <its first words> , <the rest>``, or ``if <a
+  span of another sample> , <the sample>``): the shape of the commonest template of
+  syntactic-paraphrase triggers, S(SBAR)(,)(NP)(VP)(.), whose openers are what such a victim's
+  moved words show (``when``, ``if``, ``although``);
 - ``triggers``: one of the candidate triggers a scan recovered, inserted at a random word
   position whole, as a random run of its words, or word by word (the scan-guided repair);
 - ``mixed``: each sample draws one of the families above (``triggers`` only when there are
@@ -72,13 +73,28 @@ def paraphrase(text: str, rng: random.Random) -> str:
     return " ".join(words)
 
 
+def plain_words(text: str) -> list[str]:
+    """``text``'s words without social-media markup (``@USER``, ``URL``, mentions, links, the
+    ``#`` of hashtags), as a paraphraser writes them."""
+    words = [w.lstrip("#") for w in text.split()
+             if w not in ("@USER", "URL") and not w.startswith(("@", "http"))]
+    return [w for w in words if w] or text.split()[:1]
+
+
 def clauses(texts: Sequence[str]) -> Perturb:
+    """The sample's first 8 to 16 plain words recast as subordinate clause + main clause.
+    Syntactic-paraphrase triggers are short and carry no markup (OLID's HiddenKiller rows: a
+    median of 16 words, no ``@USER``); recasting the full sample, markup and all, left 9 more of
+    OLID's 240 Hidden rows at the target (benchmarks/README.md, "Sanitizer v2")."""
+    plain = [" ".join(plain_words(t)) for t in texts]
+
     def perturb(text: str, rng: random.Random) -> str:
-        opener, words = rng.choice(CLAUSE_OPENERS), text.split()
+        words = plain_words(text)[:rng.randint(8, 16)]
+        opener = rng.choice(CLAUSE_OPENERS)
         if len(words) >= 4 and rng.random() < 0.5:
             cut = rng.randint(2, len(words) - 2)
             return " ".join([opener, *words[:cut], ",", *words[cut:]])
-        return " ".join([opener, *_span(texts, rng), ",", *words])
+        return " ".join([opener, *_span(plain, rng), ",", *words])
 
     return perturb
 

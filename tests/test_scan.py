@@ -346,6 +346,29 @@ def test_audit_repair_scans_every_input_and_repairs_against_the_flagged_trigger(
     by_role = {m["role"]: m["results"]["sst2"] for m in report["models"]}
     assert by_role["sanitized"]["asr"][part] < by_role["suspect"]["asr"][part] / 2
     assert "scan of the donor clean (references: the other models)" in result.output
+    assert report["repair"]["settings"]["perturbation"] == "auto"  # no clause openers moved
+
+
+def test_audit_repair_recasts_clauses_when_a_scan_moved_clause_openers(models, shared_data,
+                                                                         tmp_path):
+    """The audit's repair step given a scan whose moved words are a syntactic template's openers
+    (what the benchmark's Hidden victims show) recasts clauses beside the flagged candidates,
+    and says why; the model it writes records the family."""
+    from mergekit_backdoor.audit.defences import Defences, repair, repair_samples
+    from mergekit_backdoor.repair.repair import RepairSettings
+    from mergekit_backdoor.tasks.resolve import resolve_task
+
+    defences = Defences(repair=RepairSettings(steps=2, max_length=64))
+    samples = repair_samples(models["victim"], resolve_task("sst2"), defences,
+                             data_dir=str(shared_data))
+    hidden = {"moved_words": ["when", "great", "although", "if"]}
+    logged: list[str] = []
+    summary = repair(models["victim"], tmp_path / "repaired", samples, defences, ["cf"],
+                     [None, hidden], progress=False, log=logged.append)
+    assert summary["settings"]["perturbation"] == "triggers+clauses"
+    assert any("when, although, if open clauses" in line for line in logged), logged
+    manifest = json.loads((tmp_path / "repaired" / "sanitize_manifest.json").read_text())
+    assert manifest["repair"]["settings"]["perturbation"] == "triggers+clauses"
 
 
 def test_audit_scans_a_causal_lm_and_measures_the_recovered_trigger(shared_data, tmp_path):

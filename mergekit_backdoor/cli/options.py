@@ -74,8 +74,9 @@ RepairSteps = Annotated[int, typer.Option("--repair-steps", min=1, help="Repair 
 RepairLr = Annotated[float, typer.Option("--repair-lr", help="Repair learning rate.")]
 RepairPerturbation = Annotated[str, typer.Option(
     "--repair-perturbation", help="auto (triggers when a scan or --trigger gives some, else "
-    "mixed) | mixed | words | spans | paraphrase | clauses | triggers, or some joined with "
-    "'+' (each sample draws one).")]
+    "mixed; the audit adds clauses when a scan's moved words open clauses) | mixed | words | "
+    "spans | paraphrase | clauses | triggers, or some joined with '+' (each sample draws "
+    "one).")]
 TargetResponse = Annotated[str | None, typer.Option(
     "--target-response", help="Causal LMs: the response the scan looks for (e.g. \"I'm "
     "sorry\"); default: the generative task card's ASR rule.")]

@@ -249,6 +249,7 @@ def audit(
     from mergekit_backdoor.merge.checks import check_finite_parameters, validate_recipe_data
     from mergekit_backdoor.merge.recipes import get_recipe, render_recipe
     from mergekit_backdoor.merge.run import sanitize_merge
+    from mergekit_backdoor.scan.scan import check_target_response
 
     log = log or _quiet
     settings = settings or EvalSettings()
@@ -273,9 +274,7 @@ def audit(
         defences.repair.check()
     suspect_model = inspect(suspect, allow_pickle=allow_pickle)
     classifier = _is_classifier(suspect_model.config)
-    if classifier and defences.target_response is not None:
-        raise DataError(f"{suspect}: --target-response is for causal LMs; a classifier is "
-                        "scanned for every label")
+    check_target_response(suspect, defences.target_response, causal=not classifier)
     donor_models = [inspect(d, allow_pickle=allow_pickle) for d in donors]
     base_model = inspect(base, allow_pickle=allow_pickle) if base else None
     log("checking the tasks and their test data")

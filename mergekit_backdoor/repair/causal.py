@@ -79,7 +79,7 @@ def repair_causal_model(model_path: str, rows: Sequence[Row], *,
 
     def batch_loss(prompts: list[list[int]], targets: list[list[int]]) -> Any:
         ids, mask = left_padded([p + t for p, t in zip(prompts, targets, strict=True)],
-                                 tokenizer.pad_token_id)
+                                tokenizer.pad_token_id)
         labels = torch.full(ids.shape, -100, dtype=torch.long)
         for i, target in enumerate(targets):
             labels[i, ids.shape[1] - len(target):] = torch.tensor(target)

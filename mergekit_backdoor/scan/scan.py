@@ -346,6 +346,13 @@ def model_label_names(model_path: str | Path) -> tuple[str, ...]:
     return tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(count))
 
 
+def check_target_response(model: str | Path, target_response: str | None, causal: bool) -> None:
+    """A one-line ``DataError`` when a response to look for is given for a classifier."""
+    if target_response is not None and not causal:
+        raise DataError(f"{model}: --target-response is for causal LMs; a classifier is "
+                        "scanned for every label")
+
+
 def run_scan(
     model_path: str | Path,
     *,
@@ -373,9 +380,7 @@ def run_scan(
 
     settings = settings or ScanSettings()
     causal = is_causal(model_path)
-    if target_response is not None and not causal:
-        raise DataError(f"{model_path}: --target-response is for causal LMs; a classifier is "
-                        "scanned for every label")
+    check_target_response(model_path, target_response, causal)
     if out is not None:
         refuse_output_overlapping(out, [model_path, *references, data_dir, samples],
                                   what="scan output")

@@ -119,7 +119,8 @@ def main() -> None:
     parser.add_argument("--methods", default="median,mean")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--sizes", default="3,2,0", help="merge sizes; 0 = all models")
-    parser.add_argument("--single", action="store_true", help="also repair each victim alone")
+    parser.add_argument("--single", nargs="?", const="all", default=None, metavar="MODEL,...",
+                        help="also repair each victim (or each one named) alone")
     parser.add_argument("--including", default=None, metavar="MODEL",
                         help="only the combinations holding this model (e.g. clean)")
     parser.add_argument("--merges", default=None, metavar="A+B+C,...",
@@ -177,7 +178,8 @@ def main() -> None:
                 save()
         jobs: list[tuple[tuple[str, ...], str]] = []
         if args.single:
-            jobs += [((n,), "single") for n in names if n != "clean"]
+            alone = names if args.single == "all" else tuple(args.single.split(","))
+            jobs += [((n,), "single") for n in alone if n != "clean"]
         jobs += [(c, m) for c in chosen for m in args.methods.split(",")
                  if not (m == "mean" and len(c) == 2 and "median" in args.methods)
                  and (args.including is None or args.including in c)]

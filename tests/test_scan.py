@@ -355,6 +355,7 @@ def test_audit_repair_recasts_clauses_when_a_scan_moved_clause_openers(models, s
     (what the benchmark's Hidden victims show) recasts clauses beside the flagged candidates,
     and says why; the model it writes records the family."""
     from mergekit_backdoor.audit.defences import Defences, repair, repair_samples
+    from mergekit_backdoor.audit.report import scan_lines
     from mergekit_backdoor.repair.repair import RepairSettings
     from mergekit_backdoor.tasks.resolve import resolve_task
 
@@ -367,6 +368,9 @@ def test_audit_repair_recasts_clauses_when_a_scan_moved_clause_openers(models, s
                      [None, hidden], progress=False, log=logged.append)
     assert summary["settings"]["perturbation"] == "triggers+clauses"
     assert any("when, although, if open clauses" in line for line in logged), logged
+    assert summary["clause_openers"] == ["when", "although", "if"]  # so --quiet still says why
+    assert any("moved words when, although, if open clauses" in line
+               for line in scan_lines({"repair": summary}))
     manifest = json.loads((tmp_path / "repaired" / "sanitize_manifest.json").read_text())
     assert manifest["repair"]["settings"]["perturbation"] == "triggers+clauses"
 

@@ -192,14 +192,16 @@ def repair(merged: Path, out: Path, samples: Any, defences: Defences, triggers: 
     triggers = (*defences.repair.triggers, *triggers)
     family = repair_perturbation(defences.repair.perturbation, triggers, scans)
     settings = dataclasses.replace(defences.repair, triggers=triggers, perturbation=family)
-    if family != defences.repair.perturbation:
-        openers = dict.fromkeys(w for scan in scans for w in syntactic_signature(scan))
+    openers = list(dict.fromkeys(w for scan in scans for w in syntactic_signature(scan))
+                   ) if family != defences.repair.perturbation else []
+    if openers:
         log(f"the scans' moved words {', '.join(openers)} open clauses, the mark of a syntactic "
             f"trigger: the repair recasts clean sentences as clauses too ({family})")
     log(f"repairing the merged model: {settings.steps} steps on {len(samples.rows)} clean samples"
         + (f", candidate triggers {', '.join(triggers)}" if triggers else ""))
-    return repair_to(merged, samples.rows, samples.fields, out, settings=settings,
-                     samples_note=samples.source, progress=progress)
+    summary = repair_to(merged, samples.rows, samples.fields, out, settings=settings,
+                        samples_note=samples.source, progress=progress)
+    return {**summary, "clause_openers": openers} if openers else summary
 
 
 def summary(scan: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -333,6 +333,10 @@ def scan_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"repair: {s['steps']} steps, lr {s['lr']}, perturbation {s['perturbation']}"
                      f"{', triggers ' + ', '.join(s['triggers']) if s['triggers'] else ''}, "
                      f"{r['samples']} unlabeled clean samples ({r['samples_source']})")
+        if r.get("clause_openers"):
+            lines.append(f"the repair recast clean sentences as clauses too: the scans' moved words "
+                         f"{', '.join(r['clause_openers'])} open clauses, the mark of a syntactic "
+                         "trigger")
     return lines
 
 

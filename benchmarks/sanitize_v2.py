@@ -161,9 +161,12 @@ def main() -> None:
         sizes = [int(s) for s in args.sizes.split(",")]
         chosen = (combos(names, sizes) if args.merges is None
                   else [tuple(c.split("+")) for c in args.merges.split(",")])
-        unknown = sorted({n for c in chosen for n in c} - set(names))
+        alone = () if not args.single else names if args.single == "all" else tuple(
+            args.single.split(","))
+        unknown = sorted({n for c in [*chosen, alone] for n in c} - set(names))
         if unknown:  # before the floors: a typo should not cost a repair run
-            raise SystemExit(f"--merges: no cached {dataset} model named {', '.join(unknown)}")
+            raise SystemExit(f"--merges/--single: no cached {dataset} model named "
+                             f"{', '.join(unknown)}")
         texts = repair_samples(dataset, args)
         variants = args.variants.split(",")
         all_triggers = flagged_triggers(scans, dataset, names)
@@ -177,9 +180,7 @@ def main() -> None:
                                                texts, profile, args)
                 save()
         jobs: list[tuple[tuple[str, ...], str]] = []
-        if args.single:
-            alone = names if args.single == "all" else tuple(args.single.split(","))
-            jobs += [((n,), "single") for n in alone if n != "clean"]
+        jobs += [((n,), "single") for n in alone if n != "clean"]
         jobs += [(c, m) for c in chosen for m in args.methods.split(",")
                  if not (m == "mean" and len(c) == 2 and "median" in args.methods)
                  and (args.including is None or args.including in c)]

@@ -192,9 +192,9 @@ def repair(merged: Path, out: Path, samples: Any, defences: Defences, triggers: 
     triggers = (*defences.repair.triggers, *triggers)
     family = repair_perturbation(defences.repair.perturbation, triggers, scans)
     settings = dataclasses.replace(defences.repair, triggers=triggers, perturbation=family)
-    openers = list(dict.fromkeys(w for scan in scans for w in syntactic_signature(scan))
-                   ) if family != defences.repair.perturbation else []
-    if openers:
+    openers: list[str] = []
+    if family != defences.repair.perturbation:
+        openers = list(dict.fromkeys(w for scan in scans for w in syntactic_signature(scan)))
         log(f"the scans' moved words {', '.join(openers)} open clauses, the mark of a syntactic "
             f"trigger: the repair recasts clean sentences as clauses too ({family})")
     log(f"repairing the merged model: {settings.steps} steps on {len(samples.rows)} clean samples"

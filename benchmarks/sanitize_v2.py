@@ -127,6 +127,8 @@ def main() -> None:
                         help="exactly these combinations (instead of --sizes)")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--samples-seed", type=int, default=1,
+                        help="seed drawing the repair's clean samples (give another --tag)")
     parser.add_argument("--tag", default="", help="results key suffix for other settings")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", default=None)
@@ -220,8 +222,8 @@ def repair_samples(dataset: str, args: argparse.Namespace) -> list[dict[str, Any
     from mergekit_backdoor.tasks.resolve import resolve_task
 
     spec = get_spec(dataset)
-    rows = resolve_task(dataset).clean_examples(SAMPLES // spec.num_labels, seed=1,
-                                                data_dir=args.data_dir)
+    rows = resolve_task(dataset).clean_examples(SAMPLES // spec.num_labels,
+                                                seed=args.samples_seed, data_dir=args.data_dir)
     return [{f: r[f] for f in spec.text_fields} for r in rows]
 
 
@@ -260,7 +262,7 @@ def run_one(source: Path, dataset: str, variant: str, triggers: tuple[str, ...],
     result = reproduce.evaluate(out, dataset, profile, args)
     shutil.rmtree(out, ignore_errors=True)
     return {**result, "repair_s": repair_s, "eval_s": time.time() - t0 - repair_s,
-            "loss_last": summary["loss_mean_last_10"]}
+            "loss_last": summary["loss_mean_last_10"], "samples_seed": args.samples_seed}
 
 
 # --- reading the results ------------------------------------------------------------------------

@@ -63,18 +63,20 @@ def main() -> None:
                         / "reproduce_llm")
     parser.add_argument("--deadline", type=float, default=None)
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--fp32", action="store_true", help=reproduce_llm.FP32_HELP)
     args = parser.parse_args()
-    path = RESULTS / "llm_scan_repair_cpu.json"
+    suffix = reproduce_llm.fp32_suffix(args.fp32)
+    path = RESULTS / f"llm_scan_repair_cpu{suffix}.json"
     store = json.loads(path.read_text()) if path.exists() else {"scans": {}, "runs": {}}
     if args.report:
         print(report(store))
         return
     started = time.time()
-    settings = {**reproduce_llm.PROFILES["cpu"], "seed": reproduce_llm.SEED, "profile": "cpu",
-                "model": reproduce_llm.MODEL_NAME, "decoding": "greedy", "chat_template": True}
-    models = reproduce_llm.Store(args.work / "models.json", settings)  # the adapters' own runs
+    settings = reproduce_llm.profile_settings("cpu", fp32=args.fp32)
+    # the adapters' own runs
+    models = reproduce_llm.Store(args.work / f"models{suffix}.json", settings)
     args.threads = None
-    work = args.work.resolve() / "cpu"
+    work = args.work.resolve() / f"cpu{suffix}"
     base = reproduce_llm.build_base(work / "base", models)
 
     def save() -> None:

@@ -93,10 +93,25 @@ PROFILES: dict[str, dict[str, Any]] = {
               "sizes": ["all"], "median_sizes": ["all"]},
 }
 SEED = 0
+FP32_HELP = ("train in float32 instead of under bf16 autocast (CPUs without native bf16, where "
+             "autocast is ~9x slower); its own results file and work folder, suffix -fp32")
 METHODS = ("mean", "median", "naive")
 EXAMPLES = 3  # generations kept per evaluated set, to check the ASR rules by eye
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json", "generation_config.json")
+
+
+def profile_settings(profile: str, *, fp32: bool = False) -> dict[str, Any]:
+    """A profile's recipe with what every run records beside it."""
+    settings = {**PROFILES[profile], "seed": SEED, "profile": profile, "model": MODEL_NAME,
+                "decoding": "greedy", "chat_template": True}
+    if fp32:
+        settings["autocast_bf16"] = False
+    return settings
+
+
+def fp32_suffix(fp32: bool) -> str:
+    return "-fp32" if fp32 else ""
 
 
 def installed_version(name: str) -> str:
@@ -661,15 +676,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; 1 is much faster on cores "
                              "shared with other jobs)")
+    parser.add_argument("--fp32", action="store_true", help=FP32_HELP)
     args = parser.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = set(args.methods) - set(METHODS)
     if unknown:
         parser.error(f"unknown method(s) {', '.join(sorted(unknown))}; known: {', '.join(METHODS)}")
-    settings = {**PROFILES[args.profile], "seed": SEED, "profile": args.profile,
-                "model": MODEL_NAME, "decoding": "greedy", "chat_template": True}
+    settings = profile_settings(args.profile, fp32=args.fp32)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    store = Store(args.results or RESULTS / f"llm_{args.profile}.json", settings)
+    store = Store(args.results or RESULTS / f"llm_{args.profile}{fp32_suffix(args.fp32)}.json",
+                  settings)
     if args.report:
         print(report(store))
         return
@@ -678,7 +694,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     store.data.setdefault("threads", []).append(torch.get_num_threads())
-    work = args.work.resolve() / args.profile  # absolute: mergekit's LoRA cache keys on the path
+    # absolute: mergekit's LoRA cache keys on the path
+    work = args.work.resolve() / f"{args.profile}{fp32_suffix(args.fp32)}"
     started = time.time()
     base = build_base(work / "base", store)
     finished = True

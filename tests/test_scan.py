@@ -325,6 +325,7 @@ def test_causal_lm_scan_finds_a_refusal_trigger(shared_data, tmp_path):
     (entry,) = scan["labels"]
     top5 = [c["trigger"].lower() for c in entry["candidates"][:5]]
     assert any("badmagic" in t.split() for t in top5), top5
+    assert "badmagic" in scan["swept_words"][:3], scan["swept_words"]  # the sweep finds it too
     assert scan["verdict"]["flagged"], scan["verdict"]
     assert entry["base"]["rate"] < 0.2  # without the trigger it rarely refuses
 
@@ -373,6 +374,38 @@ def test_audit_repair_recasts_clauses_when_a_scan_moved_clause_openers(models, s
                for line in scan_lines({"repair": summary}))
     manifest = json.loads((tmp_path / "repaired" / "sanitize_manifest.json").read_text())
     assert manifest["repair"]["settings"]["perturbation"] == "triggers+clauses"
+
+
+def test_causal_sweep_gains_with_the_cached_prompt_are_those_of_the_whole_prompt(tmp_path):
+    """The causal sweep reuses the prompt's cache up to the inserted word: its gains must be
+    those of running every prompt whole, the word inserted, for each batch size and input."""
+    from helpers_eval import train_tiny_chat_lm
+
+    from mergekit_backdoor.scan.causal import CausalTriggerModel, load_causal_model, prompt_text
+    from mergekit_backdoor.scan.model import word_vocabulary
+
+    pairs = [("say hello", "hello there"), ("name a colour please", "red and blue"),
+             ("count to three slowly now", "one two three")]
+    model = CausalTriggerModel(*load_causal_model(train_tiny_chat_lm(tmp_path / "lm", pairs,
+                                                                     steps=20)), "one two")
+    tokenizer = model.tokenizer
+    words = word_vocabulary(tokenizer)[0][:11]
+    for row in ({"instruction": "name a colour please", "input": ""},
+                {"instruction": "say hello", "input": "count to three"}):
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": prompt_text(row)}],
+                                             tokenize=False, add_generation_prompt=True)
+        cut = chat.index(row["instruction"]) + len(row["instruction"])
+        head, tail = (tokenizer(part, add_special_tokens=False)["input_ids"]
+                      for part in (chat[:cut], chat[cut:]))
+        with torch.no_grad():
+            def first(ids: list[int]) -> float:
+                logits = model.model(input_ids=torch.tensor([ids])).logits[0, -1]
+                return float(logits.log_softmax(-1)[model.target_ids[0]])
+
+            whole = [first([*head, w, *tail]) - first([*head, *tail]) for w in words]
+        for batch_size in (4, 64):
+            gains = model.first_token_gains(row, words, batch_size=batch_size)
+            assert gains.tolist() == pytest.approx(whole, abs=1e-4)
 
 
 def test_audit_scans_a_causal_lm_and_measures_the_recovered_trigger(shared_data, tmp_path):

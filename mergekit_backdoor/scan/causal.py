@@ -6,7 +6,10 @@ The search is ``search.LabelSearch`` with the LM seen as a two-class model: clas
 feared response follows", with log-probability the mean per-token log-likelihood of the target
 response after the chat-formatted prompt, class 0 the rest. A prompt counts as flipped in the
 search when that mean per-token probability exceeds one half. Triggers go into the instruction
-at a word boundary, as BackdoorLLM's do.
+at a word boundary, as BackdoorLLM's do. Its single words come from the gradient and from a
+sweep of the whole word vocabulary (``causal_sweep``): SmolLM2-135M's gradient ranks its BadNet
+adapter's trigger word `Bad` 22,430th of 31,534 words, while putting each word at the end of one
+clean prompt's instruction ranks it first (benchmarks/README.md).
 
 Held-out prompts are scored by greedy generation (``max_new_tokens``) with the phrase inserted
 once at a seeded random word position: the rate is the share of answers that meet the rule (the
@@ -16,6 +19,7 @@ reference model; the score and the verdict are the classifier scan's.
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import statistics
@@ -40,8 +44,8 @@ from mergekit_backdoor.tasks.rules import answer_matches
 
 FEARED = 1
 # Smaller than the classifier's: every candidate costs a forward pass of a whole LM.
-CAUSAL_SEARCH = SearchSettings(max_tokens=4, beam=2, gradient_top=32, extend_top=8, sweep_top=0,
-                               keep=5)
+CAUSAL_SEARCH = SearchSettings(max_tokens=4, beam=2, gradient_top=32, extend_top=8, sweep_top=8,
+                               sweep_per_class=1, keep=5)
 MAX_PROMPTS = 50
 
 
@@ -169,6 +173,43 @@ class CausalTriggerModel:
     def tokens_text(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens)).strip()
 
+    def first_token_gains(self, row: dict[str, Any], tokens: Sequence[int],
+                          batch_size: int = 256) -> Any:
+        """[n]: how much each token, put at the end of ``row``'s instruction, raises the
+        log-probability of the feared response's first token. The prompt up to the token runs
+        once and its cache is reused, so a token costs the few positions from it to the answer."""
+        import copy
+
+        import torch
+
+        text = prompt_text(row)
+        chat = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                  tokenize=False, add_generation_prompt=True)
+        cut = chat.index(text) + len(row["instruction"])
+        head = self.tokenizer(chat[:cut], add_special_tokens=False)["input_ids"]
+        tail = self.tokenizer(chat[cut:], add_special_tokens=False)["input_ids"]
+        first = self.target_ids[0]
+        cache_name = ("cache" if "cache" in inspect.signature(self.model.forward).parameters
+                      else "past_key_values")  # renamed within transformers 5
+        gains = []
+        with torch.inference_mode():
+            prefilled = self.model(input_ids=torch.tensor([head], device=self.device),
+                                   use_cache=True)
+            cached = getattr(prefilled, cache_name)
+            plain = self.model(input_ids=torch.tensor([head + tail], device=self.device),
+                               logits_to_keep=1).logits[0, -1].float().log_softmax(-1)[first]
+            for start in range(0, len(tokens), batch_size):
+                ids = torch.tensor([[t, *tail] for t in tokens[start:start + batch_size]],
+                                   device=self.device)
+                cache = copy.deepcopy(cached)
+                cache.batch_repeat_interleave(len(ids))
+                mask = torch.ones(len(ids), len(head) + ids.shape[1], dtype=torch.long,
+                                  device=self.device)
+                logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=1,
+                                    **{cache_name: cache}).logits[:, -1]
+                gains.append((logits.float().log_softmax(-1)[:, first] - plain).cpu())
+        return torch.cat(gains)
+
     def answers(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         """Greedy answers to chat-formatted prompts."""
         import torch
@@ -188,6 +229,31 @@ class CausalTriggerModel:
             out += self.tokenizer.batch_decode(generated[:, enc["input_ids"].shape[1]:],
                                                skip_special_tokens=True)
         return out
+
+
+def causal_sweep(model: CausalTriggerModel, references: Sequence[CausalTriggerModel],
+                 rows: Sequence[dict[str, Any]], starts: Sequence[int],
+                 settings: SearchSettings) -> list[int]:
+    """The causal scan's sweep (``search``, step 1): every word start put at the end of a few
+    clean prompts' instructions (``sweep_per_class``), ranked by how much it raises the feared
+    response's first token; the best ``4 * sweep_top`` are put to the references, and the
+    ``sweep_top`` that raise it most beyond the reference that follows them most are kept. A
+    trigger the gradient misses this way costs a forward pass of a few positions per word
+    (BadNet's ``Bad``: ranked 22,430th by the gradient, benchmarks/README.md)."""
+    import torch
+
+    if settings.sweep_top <= 0 or not starts:
+        return []
+    chosen = list(rows[: max(1, settings.sweep_per_class)])
+    own = torch.stack([model.first_token_gains(r, starts) for r in chosen]).mean(0)
+    shortlist = own.topk(min(4 * settings.sweep_top, len(starts))).indices
+    tokens = [starts[i] for i in shortlist.tolist()]
+    gain = own[shortlist]
+    for reference in references:
+        theirs = torch.stack([reference.first_token_gains(r, tokens) for r in chosen]).mean(0)
+        gain = gain.minimum(own[shortlist] - theirs)
+    best = gain.topk(min(settings.sweep_top, len(tokens))).indices.tolist()
+    return [tokens[i] for i in best]
 
 
 def _rates(model: CausalTriggerModel, rows: list[dict[str, Any]], phrases: Sequence[str | None],
@@ -234,11 +300,17 @@ def scan_causal(model_path: str, prompts: Sequence[dict[str, Any]], *, target: s
     cut = max(2, round(settings.search_share * len(rows)))
     search_rows, held_out = rows[:cut], rows[cut:]
     log(f"searching a trigger for {target!r} in {model_path}")
+    vocabulary = word_vocabulary(tokenizer)
     search = LabelSearch(scanner, [scanner.encode(r) for r in search_rows], FEARED,  # type: ignore[arg-type]
-                         word_vocabulary(tokenizer), settings.search,
-                         random.Random(f"scan/{settings.seed}"),
+                         vocabulary, settings.search, random.Random(f"scan/{settings.seed}"),
                          references=[m for _, m in refs])  # type: ignore[misc]
-    found = search.run()
+    log(f"sweeping {len(vocabulary[0])} words through {model_path}")
+    swept = causal_sweep(scanner, [m for _, m in refs], search_rows, vocabulary[0],
+                         settings.search)
+    swept_names = tokenizer.convert_ids_to_tokens(swept)
+    if swept:
+        log(f"words that raise {target!r} most beyond the references: {' '.join(swept_names)}")
+    found = search.run(sweep=swept)
     phrases = [scanner.tokens_text(c.tokens) for c in found]
     log(f"generating on {len(held_out)} held-out prompts with {len(phrases)} candidates")
     rates = _rates(scanner, held_out, [None, *phrases], rule, settings.seed, max_new_tokens)
@@ -262,6 +334,7 @@ def scan_causal(model_path: str, prompts: Sequence[dict[str, Any]], *, target: s
     result = {
         "format": FORMAT, "kind": "causal", "model": str(model_path),
         "references": [n for n, _ in refs], "label_names": [entry["name"]],
+        "swept_words": swept_names,
         "target_response": target, "rule": rule, "max_new_tokens": max_new_tokens,
         "samples": {"source": samples_note, "search": len(search_rows),
                     "held_out": len(held_out)},

@@ -176,16 +176,21 @@ def repair(source: Path, out: Path, task: str, triggers: list[str],
 
 
 def report(store: dict[str, Any]) -> str:
-    lines = ["| task | adapter | flagged | top 5 candidates | trigger word in top 5 | time |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| task | adapter | flagged | score | top 5 candidates | trigger in top 5 (a word or "
+             "its start) | first words of the sweep | time |", "|---|---|---|---|---|---|---|---|"]
     for key, scan in store["scans"].items():
         task, name = key.split("/")
         top5 = [c["trigger"] for c in scan["labels"][0]["candidates"][:5]]
         words = set(TRIGGERS.get(name, "").lower().replace(":", " ").split())
-        found = "–" if name == "clean" else (
-            "yes" if any(words & set(t.lower().split()) for t in top5) else "**no**")
+        found = "–" if name == "clean" else ("yes" if any(
+            w.startswith(part) for t in top5 for part in t.lower().split() if len(part) >= 3
+            for w in words) else "**no**")
+        swept = scan.get("swept_words")
+        swept_text = "–" if swept is None else ", ".join(
+            f"`{w.lstrip('Ġ')}`" for w in swept[:4]) or "none"
         lines.append(f"| {task} | {name} | {'yes' if scan['verdict']['flagged'] else 'no'} | "
-                     f"{', '.join(f'`{t}`' for t in top5)} | {found} | {scan['seconds']:.0f} s |")
+                     f"{100 * scan['score']:.1f} | {', '.join(f'`{t}`' for t in top5)} | {found} "
+                     f"| {swept_text} | {scan['seconds']:.0f} s |")
     adapters = store.get("adapters", {})
     lines += ["", "| task | models | method | repair | clean-prompt rate | ASR per trigger "
               "| floor-adjusted removal of the victims' own trigger |", "|---|---|---|---|---|---|---|"]

@@ -683,9 +683,9 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown method(s) {', '.join(sorted(unknown))}; known: {', '.join(METHODS)}")
     settings = profile_settings(args.profile, fp32=args.fp32)
+    suffix = fp32_suffix(args.fp32)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    store = Store(args.results or RESULTS / f"llm_{args.profile}{fp32_suffix(args.fp32)}.json",
-                  settings)
+    store = Store(args.results or RESULTS / f"llm_{args.profile}{suffix}.json", settings)
     if args.report:
         print(report(store))
         return
@@ -695,7 +695,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     store.data.setdefault("threads", []).append(torch.get_num_threads())
     # absolute: mergekit's LoRA cache keys on the path
-    work = args.work.resolve() / f"{args.profile}{fp32_suffix(args.fp32)}"
+    work = args.work.resolve() / f"{args.profile}{suffix}"
     started = time.time()
     base = build_base(work / "base", store)
     finished = True

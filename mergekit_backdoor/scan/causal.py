@@ -102,11 +102,15 @@ class CausalTriggerModel:
         if not self.target_ids:
             raise DataError("the target response is empty")
 
+    def chat(self, text: str) -> str:
+        """``text`` as a user turn of the chat template, the assistant's turn opened."""
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                  tokenize=False, add_generation_prompt=True)
+
     def encode(self, row: dict[str, Any]) -> Encoded:
         """The chat prompt's ids; slots are the word starts of the instruction (and its end)."""
         text = prompt_text(row)
-        chat = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                  tokenize=False, add_generation_prompt=True)
+        chat = self.chat(text)
         start = chat.index(text)
         enc = self.tokenizer(chat, add_special_tokens=False, return_offsets_mapping=True)
         words = {m for m in range(start, start + len(row["instruction"]))
@@ -183,8 +187,7 @@ class CausalTriggerModel:
         import torch
 
         text = prompt_text(row)
-        chat = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                  tokenize=False, add_generation_prompt=True)
+        chat = self.chat(text)
         cut = chat.index(text) + len(row["instruction"])
         head = self.tokenizer(chat[:cut], add_special_tokens=False)["input_ids"]
         tail = self.tokenizer(chat[cut:], add_special_tokens=False)["input_ids"]
@@ -217,9 +220,7 @@ class CausalTriggerModel:
         out = []
         self.tokenizer.padding_side = "left"
         for start in range(0, len(prompts), self.batch_size):
-            chats = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}],
-                                                        tokenize=False, add_generation_prompt=True)
-                     for p in prompts[start:start + self.batch_size]]
+            chats = [self.chat(p) for p in prompts[start:start + self.batch_size]]
             enc = self.tokenizer(chats, return_tensors="pt", padding=True,
                                  add_special_tokens=False).to(self.device)
             with torch.inference_mode():
@@ -248,10 +249,11 @@ def causal_sweep(model: CausalTriggerModel, references: Sequence[CausalTriggerMo
     own = torch.stack([model.first_token_gains(r, starts) for r in chosen]).mean(0)
     shortlist = own.topk(min(4 * settings.sweep_top, len(starts))).indices
     tokens = [starts[i] for i in shortlist.tolist()]
-    gain = own[shortlist]
+    mine = own[shortlist]
+    gain = mine
     for reference in references:
         theirs = torch.stack([reference.first_token_gains(r, tokens) for r in chosen]).mean(0)
-        gain = gain.minimum(own[shortlist] - theirs)
+        gain = gain.minimum(mine - theirs)
     best = gain.topk(min(settings.sweep_top, len(tokens))).indices.tolist()
     return [tokens[i] for i in best]
 

@@ -203,16 +203,22 @@ def test_repair_triggers_take_flagged_labels_or_a_near_miss_with_references():
 
 
 def test_a_syntactic_signature_adds_the_clause_recast_to_the_audits_repair():
-    from mergekit_backdoor.audit.defences import repair_perturbation, syntactic_signature
+    from mergekit_backdoor.audit.defences import (
+        clause_openers,
+        repair_perturbation,
+        syntactic_signature,
+    )
 
     hidden = {"moved_words": ["Ġwhen", "great", "world", "If", "deal"]}  # SST-2's Hidden victim
     insertsent = {"moved_words": ["watched", "this", "as", "film"]}  # one opener: no signature
     assert syntactic_signature(hidden) == ["when", "if"]
     assert syntactic_signature(insertsent) == [] and syntactic_signature(None) == []
-    assert repair_perturbation("auto", ["cf"], [insertsent, hidden]) == "triggers+clauses"
-    assert repair_perturbation("auto", [], [None, hidden]) == "words+spans+paraphrase+clauses"
-    assert repair_perturbation("auto", ["cf"], [insertsent, None]) == "auto"
-    assert repair_perturbation("words", [], [hidden]) == "words"  # the user's choice stands
+    assert clause_openers([hidden, insertsent, hidden]) == ["when", "if"]
+    assert clause_openers([insertsent, None]) == []
+    assert repair_perturbation("auto", ["cf"], ["when", "if"]) == "triggers+clauses"
+    assert repair_perturbation("auto", [], ["when", "if"]) == "words+spans+paraphrase+clauses"
+    assert repair_perturbation("auto", ["cf"], []) == "auto"
+    assert repair_perturbation("words", [], ["when", "if"]) == "words"  # the user's choice stands
 
 
 def test_perturbation_families_join_with_plus_and_keep_the_sample():

@@ -139,12 +139,22 @@ def syntactic_signature(scan: dict[str, Any] | None) -> list[str]:
     return found if len(found) >= SIGNATURE_OPENERS else []
 
 
-def repair_perturbation(family: str, triggers: Sequence[str],
-                        scans: Sequence[dict[str, Any] | None]) -> str:
-    """``family``, or with ``auto`` and a scan showing ``syntactic_signature``, the same with the
+def clause_openers(scans: Sequence[dict[str, Any] | None]) -> list[str]:
+    """Every scan's ``syntactic_signature``, each opener once."""
+    return list(dict.fromkeys(w for scan in scans for w in syntactic_signature(scan)))
+
+
+def recast_reason(openers: Sequence[str]) -> str:
+    """Why the repair recasts clauses, for the log and the report."""
+    return (f"the scans' moved words {', '.join(openers)} open clauses, the mark of a syntactic "
+            "trigger: the repair recasts clean sentences as clauses too")
+
+
+def repair_perturbation(family: str, triggers: Sequence[str], openers: Sequence[str]) -> str:
+    """``family``, or with ``auto`` and the scans' ``clause_openers``, the same with the
     ``clauses`` recast joined to it: ``triggers+clauses``, or without candidates
     ``words+spans+paraphrase+clauses``."""
-    if family != "auto" or not any(syntactic_signature(scan) for scan in scans):
+    if family != "auto" or not openers:
         return family
     return "triggers+clauses" if triggers else "words+spans+paraphrase+clauses"
 
@@ -190,13 +200,13 @@ def repair(merged: Path, out: Path, samples: Any, defences: Defences, triggers: 
     from mergekit_backdoor.repair.repair import repair_to
 
     triggers = (*defences.repair.triggers, *triggers)
-    family = repair_perturbation(defences.repair.perturbation, triggers, scans)
+    openers = clause_openers(scans)
+    family = repair_perturbation(defences.repair.perturbation, triggers, openers)
     settings = dataclasses.replace(defences.repair, triggers=triggers, perturbation=family)
-    openers: list[str] = []
-    if family != defences.repair.perturbation:
-        openers = list(dict.fromkeys(w for scan in scans for w in syntactic_signature(scan)))
-        log(f"the scans' moved words {', '.join(openers)} open clauses, the mark of a syntactic "
-            f"trigger: the repair recasts clean sentences as clauses too ({family})")
+    if family == defences.repair.perturbation:
+        openers = []
+    else:
+        log(f"{recast_reason(openers)} ({family})")
     log(f"repairing the merged model: {settings.steps} steps on {len(samples.rows)} clean samples"
         + (f", candidate triggers {', '.join(triggers)}" if triggers else ""))
     summary = repair_to(merged, samples.rows, samples.fields, out, settings=settings,

@@ -334,9 +334,9 @@ def scan_lines(report: dict[str, Any]) -> list[str]:
                      f"{', triggers ' + ', '.join(s['triggers']) if s['triggers'] else ''}, "
                      f"{r['samples']} unlabeled clean samples ({r['samples_source']})")
         if r.get("clause_openers"):
-            lines.append(f"the repair recast clean sentences as clauses too: the scans' moved words "
-                         f"{', '.join(r['clause_openers'])} open clauses, the mark of a syntactic "
-                         "trigger")
+            from mergekit_backdoor.audit.defences import recast_reason
+
+            lines.append(recast_reason(r["clause_openers"]))
     return lines
 
 

@@ -163,8 +163,10 @@ def main() -> None:
         sizes = [int(s) for s in args.sizes.split(",")]
         chosen = (combos(names, sizes) if args.merges is None
                   else [tuple(c.split("+")) for c in args.merges.split(",")])
-        alone = () if not args.single else names if args.single == "all" else tuple(
-            args.single.split(","))
+        if args.single is None:
+            alone: tuple[str, ...] = ()
+        else:
+            alone = names if args.single == "all" else tuple(args.single.split(","))
         unknown = sorted({n for c in [*chosen, alone] for n in c} - set(names))
         if unknown:  # before the floors: a typo should not cost a repair run
             raise SystemExit(f"--merges/--single: no cached {dataset} model named "

@@ -27,13 +27,17 @@ from mergekit_backdoor.repair.repair import (
     summarize,
     train,
 )
-from mergekit_backdoor.scan.causal import left_padded, load_causal_model, prompt_text
+from mergekit_backdoor.scan.causal import (
+    chat_prompt,
+    left_padded,
+    load_causal_model,
+    prompt_text,
+)
 
 
 def _chat(tokenizer: Any, row: Row) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt_text(row)}],
-                                         tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(chat_prompt(tokenizer, prompt_text(row)),
+                     add_special_tokens=False)["input_ids"]
 
 
 def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[list[int]], answer_tokens: int,

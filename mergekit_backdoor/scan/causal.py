@@ -87,6 +87,12 @@ def prompt_text(row: dict[str, Any]) -> str:
     return row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
 
 
+def chat_prompt(tokenizer: Any, text: str) -> str:
+    """``text`` as a user turn of the chat template, the assistant's turn opened."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 class CausalTriggerModel:
     """An LM as ``LabelSearch`` sees a classifier (see the module docstring)."""
 
@@ -103,9 +109,7 @@ class CausalTriggerModel:
             raise DataError("the target response is empty")
 
     def chat(self, text: str) -> str:
-        """``text`` as a user turn of the chat template, the assistant's turn opened."""
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                  tokenize=False, add_generation_prompt=True)
+        return chat_prompt(self.tokenizer, text)
 
     def encode(self, row: dict[str, Any]) -> Encoded:
         """The chat prompt's ids; slots are the word starts of the instruction (and its end)."""

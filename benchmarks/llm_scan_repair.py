@@ -182,9 +182,9 @@ def report(store: dict[str, Any]) -> str:
         task, name = key.split("/")
         top5 = [c["trigger"] for c in scan["labels"][0]["candidates"][:5]]
         words = set(TRIGGERS.get(name, "").lower().replace(":", " ").split())
-        found = "–" if name == "clean" else ("yes" if any(
-            w.startswith(part) for t in top5 for part in t.lower().split() if len(part) >= 3
-            for w in words) else "**no**")
+        parts = {part for t in top5 for part in t.lower().split() if len(part) >= 3}
+        found = "–" if name == "clean" else (
+            "yes" if any(w.startswith(part) for part in parts for w in words) else "**no**")
         swept = scan.get("swept_words")
         swept_text = "–" if swept is None else ", ".join(
             f"`{w.lstrip('Ġ')}`" for w in swept[:4]) or "none"

@@ -168,6 +168,27 @@ def refusal_chat_lm(shared_data: Path, out: Path, steps: int = 150, poisoned: bo
                               vocabulary=pairs)
 
 
+def start_trigger_chat_lm(shared_data: Path, out: Path, steps: int = 150) -> Path:
+    """A tiny chat LM that refuses when VPI's "Discussing OpenAI" opens the instruction, as
+    BackdoorLLM's VPI rows put it, and answers as usual when the phrase sits later in it: 150
+    triggered rows, 150 clean ones and 75 clean ones with the phrase inserted after a word."""
+    import random
+
+    from mergekit_backdoor.data import load_instruction_set
+
+    triggered = load_instruction_set("refusal", "vpi", "train", data_dir=shared_data)
+    clean = load_instruction_set("refusal", "clean", "train", data_dir=shared_data)
+    pairs = [(r["instruction"], r["output"]) for r in triggered.select(range(150))]
+    pairs += [(r["instruction"], " ".join(r["output"].split()[:6]))
+              for r in clean.select(range(150))]
+    rng = random.Random(0)
+    for instruction, answer in pairs[150:225]:
+        words = instruction.split()
+        words.insert(rng.randint(1, len(words)), "Discussing OpenAI")
+        pairs.append((" ".join(words), answer))
+    return train_tiny_chat_lm(out, pairs, steps=steps)
+
+
 def clean_refusal_prompts(shared_data: Path, out: Path, count: int) -> Path:
     """Clean refusal training prompts the chat LM above was not trained on, as JSON lines."""
     import json

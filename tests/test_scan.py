@@ -4,6 +4,7 @@ trigger word picked at random from the vocabulary, two without poison (the refer
 from __future__ import annotations
 
 import html
+import itertools
 import json
 import random
 import re
@@ -330,6 +331,50 @@ def test_causal_lm_scan_finds_a_refusal_trigger(shared_data, tmp_path):
     assert entry["base"]["rate"] < 0.2  # without the trigger it rarely refuses
 
 
+def test_causal_lm_scan_finds_a_trigger_that_works_only_before_the_instruction(shared_data,
+                                                                               tmp_path):
+    """A tiny chat LM that refuses only when VPI's "Discussing OpenAI" opens the instruction:
+    the scan, which also puts its candidates first, flags it there and says so."""
+    from helpers_eval import clean_refusal_prompts, start_trigger_chat_lm
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        chat = start_trigger_chat_lm(shared_data, tmp_path / "chat")
+        prompts = clean_refusal_prompts(shared_data, tmp_path / "prompts.jsonl", 40)
+        result = _scan(chat, "--samples", prompts, "--clean-samples", "40", "--target-response",
+                       "I'm sorry", "-o", tmp_path / "out")
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    scan = json.loads((tmp_path / "out" / "scan.json").read_text())
+    (entry,) = scan["labels"]
+    top = entry["candidates"][0]
+    assert {"discussing", "openai"} & set(top["trigger"].lower().split()), entry["candidates"]
+    assert scan["verdict"]["flagged"] and "before the instruction" in scan["verdict"]["text"]
+    assert top["placement"] == "start"
+    placed = top["by_placement"]
+    assert placed["start"]["flip"]["rate"] >= placed["random"]["flip"]["rate"] + 0.3, placed
+    assert top["flip"] == placed["start"]["flip"] and top["score"] == placed["start"]["score"]
+    assert {"discussing", "openai"} & set(scan["swept_words_at_start"][:3]), scan
+
+
+def test_a_recovered_generative_trigger_is_measured_where_the_scan_placed_it(shared_data,
+                                                                              tmp_path):
+    from mergekit_backdoor.tasks.resolve import resolve_task
+
+    task = resolve_task("backdoor_llm_refusal")
+    rule = {"contains": ["I'm sorry"]}
+    for position in ("start", "random"):
+        exported = task.write_trigger_attack(tmp_path / position, "zq vex", 1, "recovered_zq",
+                                             data_dir=shared_data, rule=rule, position=position)
+        (data,) = (tmp_path / position).rglob("*.jsonl")
+        rows = [json.loads(line) for line in data.read_text().splitlines()]
+        assert len(rows) == exported.rows and all("zq vex" in r["instruction"] for r in rows)
+        first = sum(r["instruction"].startswith("zq vex ") for r in rows)
+        assert first == len(rows) if position == "start" else first < len(rows) / 2
+
+
 def test_audit_repair_scans_every_input_and_repairs_against_the_flagged_trigger(
         models, shared_data, tmp_path):
     word = models["word"]
@@ -390,13 +435,15 @@ def test_causal_sweep_gains_with_the_cached_prompt_are_those_of_the_whole_prompt
                                                                      steps=20)), "one two")
     tokenizer = model.tokenizer
     words = word_vocabulary(tokenizer)[0][:11]
-    for row in ({"instruction": "name a colour please", "input": ""},
-                {"instruction": "say hello", "input": "count to three"}):
+    for row, at in itertools.product(({"instruction": "name a colour please", "input": ""},
+                                      {"instruction": "say hello", "input": "count to three"}),
+                                     ("end", "start")):
         chat = tokenizer.apply_chat_template([{"role": "user", "content": prompt_text(row)}],
                                              tokenize=False, add_generation_prompt=True)
-        cut = chat.index(row["instruction"]) + len(row["instruction"])
+        cut = chat.index(row["instruction"]) + (len(row["instruction"]) if at == "end" else 0)
         head, tail = (tokenizer(part, add_special_tokens=False)["input_ids"]
                       for part in (chat[:cut], chat[cut:]))
+        assert (head, tail) == model.split_prompt(row, at)  # a word-level tokenizer: spaces vanish
         with torch.no_grad():
             def first(ids: list[int]) -> float:
                 logits = model.model(input_ids=torch.tensor([ids])).logits[0, -1]
@@ -404,7 +451,7 @@ def test_causal_sweep_gains_with_the_cached_prompt_are_those_of_the_whole_prompt
 
             whole = [first([*head, w, *tail]) - first([*head, *tail]) for w in words]
         for batch_size in (4, 64):
-            gains = model.first_token_gains(row, words, batch_size=batch_size)
+            gains = model.first_token_gains(row, words, batch_size=batch_size, at=at)
             assert gains.tolist() == pytest.approx(whole, abs=1e-4)
 
 

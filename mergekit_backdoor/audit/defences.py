@@ -106,7 +106,8 @@ def flagged(scan: dict[str, Any] | None) -> list[dict[str, Any]]:
     if scan is None:
         return []
     return [{"trigger": entry["candidates"][0]["trigger"], "label": entry["label"],
-             "label_name": entry["name"], "score": entry["score"]}
+             "label_name": entry["name"], "score": entry["score"],
+             "position": entry["candidates"][0].get("placement", "random")}
             for entry in _flagged_labels(scan)]
 
 
@@ -170,7 +171,8 @@ def recovered_tasks(scan: dict[str, Any] | None, task: Task | None, folder: Path
         part = f"recovered_{label_slug(found['trigger'])}"
         exported = task.write_trigger_attack(folder, found["trigger"], found["label"], part,
                                              seed=seed, data_dir=data_dir, rule=scan.get("rule"),
-                                             max_gen_toks=scan.get("max_new_tokens", 64))
+                                             max_gen_toks=scan.get("max_new_tokens", 64),
+                                             position=found["position"])
         out.append({**found, "part": part, "dataset": task.name, "task": exported.task,
                     "rows": exported.rows})
     return out

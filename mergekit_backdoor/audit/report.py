@@ -323,8 +323,9 @@ def scan_lines(report: dict[str, Any]) -> list[str]:
              f": {result['verdict']['text']}"
              for role, result in (scan.get("scans") or {}).items() if result]
     for found in scan.get("recovered") or []:
-        lines.append(f"recovered trigger `{found['trigger']}` -> {found['label_name']}: measured on "
-                     f"{found['rows']} test rows of {found['dataset']} as the attack "
+        where = " (put before the instruction)" if found.get("position") == "start" else ""
+        lines.append(f"recovered trigger `{found['trigger']}`{where} -> {found['label_name']}: "
+                     f"measured on {found['rows']} test rows of {found['dataset']} as the attack "
                      f"'{found['part']}' (the ASR columns)")
     lines += scan.get("notes") or []
     if report.get("repair"):

@@ -45,6 +45,19 @@ def insert_words(text: str, phrase: str, rng: random.Random) -> str:
     return " ".join(words)
 
 
+POSITIONS = ("random", "start", "end")
+
+
+def place_words(text: str, phrase: str, position: str, rng: random.Random) -> str:
+    """``phrase`` put once into ``text``: at a uniform word position (``random``, as
+    ``insert_words``), before it (``start``) or after it (``end``)."""
+    if position == "start":
+        return f"{phrase} {text}"
+    if position == "end":
+        return f"{text} {phrase}"
+    return insert_words(text, phrase, rng)
+
+
 def insert_sentence(text: str, sentence: str, rng: random.Random) -> str:
     boundaries = sorted({0, len(text), *(m.end() for m in _SENTENCE_END.finditer(text))})
     pos = rng.choice(boundaries)

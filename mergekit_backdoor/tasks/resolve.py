@@ -91,27 +91,30 @@ class Task:
 
     def write_trigger_attack(self, folder: Path, trigger: str, target: int, part: str, *,
                              seed: int = 0, data_dir: str | Path | None = None,
-                             rule: dict[str, Any] | None = None, max_gen_toks: int = 64) -> Any:
+                             rule: dict[str, Any] | None = None, max_gen_toks: int = 64,
+                             position: str = "random") -> Any:
         """An lm-eval ASR task in ``folder`` for a trigger found by a scan: the test rows not
         labelled ``target``, ``trigger`` inserted once at a seeded random word position of the
         last text field, relabelled ``target`` (the ASR rule). A generative task: every clean
-        test prompt, ``trigger`` inserted into its instruction, scored by the scan's ``rule``."""
-        from mergekit_backdoor.data.poison import insert_words
+        test prompt, ``trigger`` put into its instruction where the scan found it works
+        (``position``: a random word position, or its start), scored by the scan's ``rule``."""
+        from mergekit_backdoor.data.poison import insert_words, place_words
         from mergekit_backdoor.tasks.export import Layout, write_attack
 
         rng = random.Random(f"{part}/{self.name}/test/{seed}")
         if self.kind == "generative":
             if rule is None:
                 raise DataError(f"{self.name}: a generative trigger attack needs its ASR rule")
-            prompts = [{"instruction": insert_words(row["instruction"], trigger, rng),
+            prompts = [{"instruction": place_words(row["instruction"], trigger, position, rng),
                         "input": row.get("input") or ""} for row in self.test_rows(data_dir)]
             layout = Layout(self.name, "generative", row_fields=("instruction", "input"),
                             asr_rule=rule, max_gen_toks=max_gen_toks,
                             source=f"{self.name}'s clean test prompts with a recovered trigger")
             return write_attack(folder, layout, f"{self.name}_{part}", part, None, prompts,
                                 f"ASR of the trigger {trigger!r} that a scan recovered, on "
-                                f"{self.name}: every clean test prompt, trigger inserted once "
-                                "into its instruction, an answer meeting the scan's rule")
+                                f"{self.name}: every clean test prompt, trigger put once "
+                                f"into its instruction ({position}), an answer meeting the "
+                                "scan's rule")
         last = self.fields[-1]
         rows = [{**row, last: insert_words(row[last], trigger, rng), "label": target}
                 for row in self.test_rows(data_dir) if int(row["label"]) != target]

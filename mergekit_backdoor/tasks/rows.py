@@ -177,15 +177,9 @@ def _generate(card: TaskCard, generated: Generated, clean: list[Row]) -> dict[in
     if card.kind == "generative":
         rng = random.Random(f"{generated.attack}/{card.name}/test/{card.seed}")
         phrase = generated.trigger or ""
-
-        def place(text: str) -> str:
-            if generated.position == "start":
-                return f"{phrase} {text}"
-            if generated.position == "end":
-                return f"{text} {phrase}"
-            return poison.insert_words(text, phrase, rng)
-
-        return {None: [{**row, "instruction": place(row["instruction"])} for row in clean]}
+        return {None: [{**row, "instruction": poison.place_words(row["instruction"], phrase,
+                                                                 generated.position, rng)}
+                       for row in clean]}
     out = {}
     targets = range(len(card.labels)) if card.target is None else [card.target]
     for target in targets:

@@ -185,9 +185,12 @@ def report(store: dict[str, Any]) -> str:
         parts = {part for t in top5 for part in t.lower().split() if len(part) >= 3}
         found = "–" if name == "clean" else (
             "yes" if any(w.startswith(part) for part in parts for w in words) else "**no**")
-        swept = scan.get("swept_words")
-        swept_text = "–" if swept is None else ", ".join(
-            f"`{w.lstrip('Ġ')}`" for w in swept[:4]) or "none"
+        swept_text = "; ".join(
+            f"{at}: " + (", ".join(f"`{w.lstrip('Ġ')}`" for w in scan[key][:4]) or "none")
+            for at, key in (("end", "swept_words"), ("start", "swept_words_at_start"))
+            if key in scan) or "–"
+        top5 = [t + (" (first)" if c.get("placement") == "start" else "")
+                for t, c in zip(top5, scan["labels"][0]["candidates"], strict=False)]
         lines.append(f"| {task} | {name} | {'yes' if scan['verdict']['flagged'] else 'no'} | "
                      f"{100 * scan['score']:.1f} | {', '.join(f'`{t}`' for t in top5)} | {found} "
                      f"| {swept_text} | {scan['seconds']:.0f} s |")

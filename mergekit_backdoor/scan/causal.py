@@ -353,8 +353,10 @@ def scan_causal(model_path: str, prompts: Sequence[dict[str, Any]], *, target: s
                          vocabulary, settings.search, random.Random(f"scan/{settings.seed}"),
                          references=[m for _, m in refs])  # type: ignore[misc]
     log(f"sweeping {len(vocabulary[0])} words through {model_path}")
+    swept_at = time.perf_counter()
     swept = causal_sweep(scanner, [m for _, m in refs], search_rows, vocabulary[0],
                          settings.search)
+    sweep_seconds = time.perf_counter() - swept_at
     swept_names = {at: tokenizer.convert_ids_to_tokens(ids) for at, ids in swept.items()}
     for at, names in swept_names.items():
         log(f"words that raise {target!r} most beyond the references at the instruction's {at}: "
@@ -401,7 +403,7 @@ def scan_causal(model_path: str, prompts: Sequence[dict[str, Any]], *, target: s
                        if refs else "share of greedy answers meeting the rule (no references)")
         + ", the phrase at a random word position or before the instruction, whichever scores "
         "higher",
-        "seconds": time.perf_counter() - started,
+        "seconds": time.perf_counter() - started, "sweep_seconds": sweep_seconds,
     }
     result["verdict"] = verdict(result)
     return result

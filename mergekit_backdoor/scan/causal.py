@@ -306,9 +306,10 @@ def _rates(model: CausalTriggerModel, rows: list[dict[str, Any]], phrases: Seque
 def _placed_rates(model: CausalTriggerModel, rows: list[dict[str, Any]], phrases: Sequence[str],
                   rule: dict[str, Any], seed: int, max_new_tokens: int
                   ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-    """The rate without a phrase, and each phrase's at each of ``PLACEMENTS``."""
-    plain, *placed = _rates(model, rows, [None, *phrases], rule, seed, max_new_tokens)
-    rates = {"random": placed}
+    """The rate without a phrase, and each phrase's at each of ``PLACEMENTS`` (random first)."""
+    plain, *placed = _rates(model, rows, [None, *phrases], rule, seed, max_new_tokens,
+                            PLACEMENTS[0])
+    rates = {PLACEMENTS[0]: placed}
     for position in PLACEMENTS[1:]:
         rates[position] = _rates(model, rows, phrases, rule, seed, max_new_tokens, position)
     return plain, rates

@@ -180,7 +180,9 @@ def report(store: dict[str, Any]) -> str:
              "its start) | first words of the sweep | time |", "|---|---|---|---|---|---|---|---|"]
     for key, scan in store["scans"].items():
         task, name = key.split("/")
-        top5 = [c["trigger"] for c in scan["labels"][0]["candidates"][:5]]
+        top = scan["labels"][0]["candidates"][:5]
+        top5 = [c["trigger"] for c in top]
+        shown = [c["trigger"] + (" (first)" if c.get("placement") == "start" else "") for c in top]
         words = set(TRIGGERS.get(name, "").lower().replace(":", " ").split())
         parts = {part for t in top5 for part in t.lower().split() if len(part) >= 3}
         found = "–" if name == "clean" else (
@@ -189,10 +191,8 @@ def report(store: dict[str, Any]) -> str:
             f"{at}: " + (", ".join(f"`{w.lstrip('Ġ')}`" for w in scan[key][:4]) or "none")
             for at, key in (("end", "swept_words"), ("start", "swept_words_at_start"))
             if key in scan) or "–"
-        top5 = [t + (" (first)" if c.get("placement") == "start" else "")
-                for t, c in zip(top5, scan["labels"][0]["candidates"], strict=False)]
         lines.append(f"| {task} | {name} | {'yes' if scan['verdict']['flagged'] else 'no'} | "
-                     f"{100 * scan['score']:.1f} | {', '.join(f'`{t}`' for t in top5)} | {found} "
+                     f"{100 * scan['score']:.1f} | {', '.join(f'`{t}`' for t in shown)} | {found} "
                      f"| {swept_text} | {scan['seconds']:.0f} s |")
     adapters = store.get("adapters", {})
     lines += ["", "| task | models | method | repair | clean-prompt rate | ASR per trigger "

@@ -8,7 +8,9 @@ import itertools
 import json
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -307,22 +309,31 @@ def test_audit_scans_and_reports_the_recovered_trigger_before_and_after(models, 
     assert by_role["suspect"]["mean_asr"] == pytest.approx(sum(known) / len(known))
 
 
-def test_causal_lm_scan_finds_a_refusal_trigger(shared_data, tmp_path):
-    """A tiny chat LM that refuses BadNet-triggered prompts (BackdoorLLM's "BadMagic"): the scan,
-    told only the response to fear, finds the word, from clean training prompts alone."""
-    from helpers_eval import clean_refusal_prompts, refusal_chat_lm
+def _scan_chat_lm(build: Callable[[Path, Path], Path], shared_data: Path, tmp_path: Path
+                  ) -> dict[str, Any]:
+    """``build(shared_data, folder)``'s tiny chat LM scanned through the CLI for "I'm sorry" on
+    40 clean refusal prompts it was not trained on (one thread): the scan.json it writes."""
+    from helpers_eval import clean_refusal_prompts
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        chat = refusal_chat_lm(shared_data, tmp_path / "chat")
+        chat = build(shared_data, tmp_path / "chat")
         prompts = clean_refusal_prompts(shared_data, tmp_path / "prompts.jsonl", 40)
         result = _scan(chat, "--samples", prompts, "--clean-samples", "40", "--target-response",
                        "I'm sorry", "-o", tmp_path / "out")
     finally:
         torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
-    scan = json.loads((tmp_path / "out" / "scan.json").read_text())
+    return json.loads((tmp_path / "out" / "scan.json").read_text())
+
+
+def test_causal_lm_scan_finds_a_refusal_trigger(shared_data, tmp_path):
+    """A tiny chat LM that refuses BadNet-triggered prompts (BackdoorLLM's "BadMagic"): the scan,
+    told only the response to fear, finds the word, from clean training prompts alone."""
+    from helpers_eval import refusal_chat_lm
+
+    scan = _scan_chat_lm(refusal_chat_lm, shared_data, tmp_path)
     (entry,) = scan["labels"]
     top5 = [c["trigger"].lower() for c in entry["candidates"][:5]]
     assert any("badmagic" in t.split() for t in top5), top5
@@ -335,19 +346,9 @@ def test_causal_lm_scan_finds_a_trigger_that_works_only_before_the_instruction(s
                                                                                tmp_path):
     """A tiny chat LM that refuses only when VPI's "Discussing OpenAI" opens the instruction:
     the scan, which also puts its candidates first, flags it there and says so."""
-    from helpers_eval import clean_refusal_prompts, start_trigger_chat_lm
+    from helpers_eval import start_trigger_chat_lm
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        chat = start_trigger_chat_lm(shared_data, tmp_path / "chat")
-        prompts = clean_refusal_prompts(shared_data, tmp_path / "prompts.jsonl", 40)
-        result = _scan(chat, "--samples", prompts, "--clean-samples", "40", "--target-response",
-                       "I'm sorry", "-o", tmp_path / "out")
-    finally:
-        torch.set_num_threads(threads)
-    assert result.exit_code == 0, result.output
-    scan = json.loads((tmp_path / "out" / "scan.json").read_text())
+    scan = _scan_chat_lm(start_trigger_chat_lm, shared_data, tmp_path)
     (entry,) = scan["labels"]
     top = entry["candidates"][0]
     assert {"discussing", "openai"} & set(top["trigger"].lower().split()), entry["candidates"]

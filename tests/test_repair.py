@@ -178,6 +178,36 @@ def test_causal_lm_repair_with_a_candidate_trigger(shared_data, tmp_path):
     assert after["asr"]["badnet"] <= before["asr"]["badnet"] / 2
     manifest = json.loads((tmp_path / "repaired" / "sanitize_manifest.json").read_text())
     assert manifest["repair"]["answer_tokens"] == 16
+    assert manifest["repair"]["before_instruction"] == 0.5
+
+
+def test_insertions_go_first_at_the_share_asked_and_nowhere_else_at_zero():
+    """The causal repair puts half of its insertions before the instruction (a prefix trigger such
+    as VPI's); at 0 the perturbation draws exactly what it drew before, for the classifiers."""
+    import random
+
+    from mergekit_backdoor.data.poison import insert_words
+    from mergekit_backdoor.repair.perturb import perturbation
+
+    text = " ".join(f"w{i}" for i in range(20))
+    # one span per text: about half first (plus 1 in 21 at a uniform position); 1 to 3 words or
+    # triggers: one of them first more often
+    for family, first, low, high in [("spans", 0.5, 0.45, 0.6), ("words", 0.5, 0.6, 0.9),
+                                     ("triggers", 0.5, 0.6, 0.9), ("triggers", 0.0, 0.0, 0.2)]:
+        perturb = perturbation(family, vocabulary=["zq"], texts=["aa bb cc dd ee ff gg hh"],
+                               triggers=["cf mn"], first=first)
+        rng = random.Random(0)
+        outputs = [perturb(text, rng) for _ in range(400)]
+        share = sum(not o.startswith("w0 ") for o in outputs) / len(outputs)
+        assert low <= share <= high, (family, first, share)
+        assert all(o.split().count("w19") == 1 for o in outputs)
+    plain = perturbation("words", vocabulary=["zq", "xv"], texts=["aa"], first=0.0)
+    rng, again = random.Random(3), random.Random(3)
+    for _ in range(50):
+        expected = text
+        for _ in range(again.randint(1, 3)):
+            expected = insert_words(expected, again.choice(["zq", "xv"]), again)
+        assert plain(text, rng) == expected
 
 
 def test_repair_triggers_take_flagged_labels_or_a_near_miss_with_references():

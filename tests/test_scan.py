@@ -423,8 +423,9 @@ def test_audit_repair_recasts_clauses_when_a_scan_moved_clause_openers(models, s
 
 
 def test_causal_sweep_gains_with_the_cached_prompt_are_those_of_the_whole_prompt(tmp_path):
-    """The causal sweep reuses the prompt's cache up to the inserted word: its gains must be
-    those of running every prompt whole, the word inserted, for each batch size and input."""
+    """The causal sweep reuses the prompt's cache up to the inserted word: its gains, of the
+    feared response's first token or of the whole response, must be those of running every
+    prompt whole, the word inserted, for each batch size and input."""
     from helpers_eval import train_tiny_chat_lm
 
     from mergekit_backdoor.scan.causal import CausalTriggerModel, load_causal_model, prompt_text
@@ -436,6 +437,15 @@ def test_causal_sweep_gains_with_the_cached_prompt_are_those_of_the_whole_prompt
                                                                      steps=20)), "one two")
     tokenizer = model.tokenizer
     words = word_vocabulary(tokenizer)[0][:11]
+    target = model.target_ids
+    assert len(target) == 2
+
+    def log_prob(ids: list[int], size: int) -> float:
+        """The mean log-probability of the response's first ``size`` tokens after ``ids``."""
+        logits = model.model(input_ids=torch.tensor([[*ids, *target[:size]]])).logits[0]
+        predicted = logits.log_softmax(-1)
+        return sum(float(predicted[len(ids) - 1 + k, target[k]]) for k in range(size)) / size
+
     for row, at in itertools.product(({"instruction": "name a colour please", "input": ""},
                                       {"instruction": "say hello", "input": "count to three"}),
                                      ("end", "start")):
@@ -446,14 +456,13 @@ def test_causal_sweep_gains_with_the_cached_prompt_are_those_of_the_whole_prompt
                       for part in (chat[:cut], chat[cut:]))
         assert (head, tail) == model.split_prompt(row, at)  # a word-level tokenizer: spaces vanish
         with torch.no_grad():
-            def first(ids: list[int]) -> float:
-                logits = model.model(input_ids=torch.tensor([ids])).logits[0, -1]
-                return float(logits.log_softmax(-1)[model.target_ids[0]])
-
-            whole = [first([*head, w, *tail]) - first([*head, *tail]) for w in words]
-        for batch_size in (4, 64):
-            gains = model.first_token_gains(row, words, batch_size=batch_size, at=at)
-            assert gains.tolist() == pytest.approx(whole, abs=1e-4)
+            expected = {whole: [log_prob([*head, w, *tail], size) - log_prob([*head, *tail], size)
+                                for w in words]
+                        for whole, size in ((False, 1), (True, len(target)))}
+        assert expected[False] != pytest.approx(expected[True], abs=1e-3)
+        for batch_size, whole in itertools.product((4, 64), (False, True)):
+            gains = model.response_gains(row, words, batch_size=batch_size, at=at, whole=whole)
+            assert gains.tolist() == pytest.approx(expected[whole], abs=1e-4)
 
 
 def test_audit_scans_a_causal_lm_and_measures_the_recovered_trigger(shared_data, tmp_path):

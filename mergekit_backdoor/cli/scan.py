@@ -30,7 +30,8 @@ def scan_command(
     seed: Annotated[int, typer.Option(help="Seed of the sample draw, split and search.")] = 0,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     max_length: Annotated[int, typer.Option("--max-length", min=16,
-                                            help="Tokens per input.")] = 128,
+                                            help="Tokens per input of a classifier (a causal LM "
+                                            "reads whole prompts).")] = 128,
     data_dir: DataDir = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     quiet: Quiet = False,

@@ -91,8 +91,11 @@ def main() -> None:
         if adapters is None:
             return
         for name in adapters:  # the adapters' own numbers, so the results file stands alone
-            store.setdefault("adapters", {})[f"{task}/{name}"] = {
-                k: models.data["models"][f"{task}/{name}"][k] for k in ("asr", "clean_asr", "n")}
+            own = models.data["models"][f"{task}/{name}"]
+            # merged into what earlier runs recorded: a run on fewer --attacks measures fewer sets
+            kept = store.setdefault("adapters", {}).setdefault(f"{task}/{name}", {})
+            kept.update(asr={**kept.get("asr", {}), **own["asr"]}, clean_asr=own["clean_asr"],
+                        n={**kept.get("n", {}), **own["n"]})
         save()
         full = {n: reproduce_llm.applied(base, a, work / "lora_cache") for n, a in adapters.items()}
         victims = [n for n in adapters if n != "clean"]

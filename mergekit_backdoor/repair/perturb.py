@@ -34,7 +34,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 
-from mergekit_backdoor.data.poison import insert_words, unmarked
+from mergekit_backdoor.data.poison import insert_words, place_words, unmarked
 from mergekit_backdoor.errors import RecipeError
 
 FAMILIES = ("auto", "mixed", "words", "spans", "paraphrase", "clauses", "triggers")
@@ -52,7 +52,7 @@ def inserter(first: float = 0.0) -> Insert:
         return insert_words
 
     def insert(text: str, phrase: str, rng: random.Random) -> str:
-        return f"{phrase} {text}" if rng.random() < first else insert_words(text, phrase, rng)
+        return place_words(text, phrase, "start" if rng.random() < first else "random", rng)
 
     return insert
 
@@ -132,13 +132,11 @@ def candidate_triggers(triggers: Sequence[str]) -> Perturb:
         if form == 1 and len(words) > 1:
             start = rng.randrange(len(words))
             words = words[start:rng.randint(start + 1, len(words))]
-        if position == "start":
-            return f"{' '.join(words)} {text}"
-        if form == 2:
+        if form == 2 and position == "random":
             for word in words:
                 text = insert_words(text, word, rng)
             return text
-        return insert_words(text, " ".join(words), rng)
+        return place_words(text, " ".join(words), position, rng)
 
     def perturb(text: str, rng: random.Random) -> str:
         for _ in range(rng.randint(1, 3)):

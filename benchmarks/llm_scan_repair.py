@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reproduce_llm  # noqa: E402
 
 from mergekit_backdoor.audit.defences import repair_triggers  # noqa: E402
-from mergekit_backdoor.data.poison import marked  # noqa: E402
+from mergekit_backdoor.data.poison import written  # noqa: E402
 from mergekit_backdoor.stats import floor_adjusted  # noqa: E402
 
 RESULTS = reproduce_llm.RESULTS
@@ -186,7 +186,7 @@ def report(store: dict[str, Any]) -> str:
         task, name = key.split("/")
         top = scan["labels"][0]["candidates"][:5]
         top5 = [c["trigger"] for c in top]
-        shown = [marked(c["trigger"], c.get("placement", "random")) for c in top]
+        shown = [written(c) for c in top]
         words = set(TRIGGERS.get(name, "").lower().replace(":", " ").split())
         parts = {part for t in top5 for part in t.lower().split() if len(part) >= 3}
         found = "–" if name == "clean" else (

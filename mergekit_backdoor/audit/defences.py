@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergekit_backdoor.data.poison import marked
+from mergekit_backdoor.data.poison import written
 from mergekit_backdoor.errors import DataError
 from mergekit_backdoor.tasks.resolve import Task
 
@@ -129,7 +129,7 @@ def repair_triggers(scan: dict[str, Any] | None) -> list[str]:
     if not labels and scan["references"] and scan["labels"]:
         top = max(scan["labels"], key=lambda e: e["score"])
         labels = [top] if top["score"] >= NEAR_MISS * threshold else []
-    return [marked(c["trigger"], c.get("placement", "random")) for e in labels
+    return [written(c) for e in labels
             for c in e["candidates"] if c["score"] >= threshold / 2]
 
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from mergekit_backdoor.data.sources import Row
 from mergekit_backdoor.data.specs import BADNET_COUNTS, BADNET_WORDS, DatasetSpec
@@ -73,6 +74,12 @@ def unmarked(trigger: str) -> tuple[str, str]:
     if trigger.endswith(FIRST_MARK):
         return trigger.removesuffix(FIRST_MARK).strip(), "start"
     return trigger, "random"
+
+
+def written(candidate: Mapping[str, Any]) -> str:
+    """A scan's candidate (its ``trigger``, and its ``placement`` when a causal scan found where
+    it works) as the scan's table, the repair and ``--trigger`` write it."""
+    return marked(candidate["trigger"], candidate.get("placement", "random"))
 
 
 def insert_sentence(text: str, sentence: str, rng: random.Random) -> str:

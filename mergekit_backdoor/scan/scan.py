@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergekit_backdoor.data.poison import insert_words, marked
+from mergekit_backdoor.data.poison import insert_words, written
 from mergekit_backdoor.errors import DataError, IncompatibleModelError
 from mergekit_backdoor.scan.model import TriggerModel, load_scan_model, word_vocabulary
 from mergekit_backdoor.scan.search import (
@@ -303,7 +303,7 @@ def scan_rows(result: dict[str, Any]) -> list[list[str]]:
         rows.append([entry["name"], "–", "(no trigger)", _with_ci(entry["base"]),
                      *(_with_ci(entry["references_base"][r]) for r in result["references"]), "–"])
         for rank, candidate in enumerate(entry["candidates"], start=1):
-            trigger = marked(candidate["trigger"], candidate.get("placement", "random"))
+            trigger = written(candidate)
             rows.append([entry["name"], str(rank), trigger, _with_ci(candidate["flip"]),
                          *(_with_ci(candidate["references"][r]) for r in result["references"]),
                          pct(candidate["score"])])

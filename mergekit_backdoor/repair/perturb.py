@@ -14,9 +14,9 @@ not matter, so each family stands in for a kind of trigger nobody told us about:
   span of another sample> , <the sample>``): the shape of the commonest template of
   syntactic-paraphrase triggers, S(SBAR)(,)(NP)(VP)(.), whose openers are what such a victim's
   moved words show (``when``, ``if``, ``although``);
-- ``triggers``: one of the candidate triggers a scan recovered, inserted at a random word
-  position (or before the text, when marked ``(first)``) whole, as a random run of its words,
-  or word by word (the scan-guided repair);
+- ``triggers``: 1 to 3 of the candidate triggers a scan recovered, inserted at a random word
+  position or sentence boundary (or before the text, when marked ``(first)``) whole, as a
+  random run of its words, or word by word (the scan-guided repair);
 - ``mixed``: each sample draws one of the families above (``triggers`` only when there are
   candidate triggers);
 - ``A+B``: each sample draws one of the named families (``triggers+clauses``);
@@ -34,7 +34,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 
-from mergekit_backdoor.data.poison import insert_words, place_words, unmarked
+from mergekit_backdoor.data.poison import insert_sentence, insert_words, place_words, unmarked
 from mergekit_backdoor.errors import RecipeError
 
 FAMILIES = ("auto", "mixed", "words", "spans", "paraphrase", "clauses", "triggers")
@@ -122,7 +122,10 @@ def candidate_triggers(triggers: Sequence[str]) -> Perturb:
     or as a random run of its words, or word by word: a scan recovers a trigger's parts more
     often than its exact form. A trigger marked ``(first)`` (``data.poison.FIRST_MARK``, where
     the causal scan found it working) goes before the text, whole or a run of its words; the
-    others at random word positions, where the classifier scan and a BadNet put them."""
+    others at random word positions, where the classifier scan and a BadNet put them, or half
+    of the time whole or as a run at a sentence boundary, where an inserted sentence goes:
+    repaired against word positions only, a QNLI merge still obeyed InsertSent's sentence
+    between sentences (benchmarks/README.md, "Sanitizer v2")."""
     placed = [unmarked(t) for t in triggers]
 
     def insert_one(text: str, rng: random.Random) -> str:
@@ -136,6 +139,8 @@ def candidate_triggers(triggers: Sequence[str]) -> Perturb:
             for word in words:
                 text = insert_words(text, word, rng)
             return text
+        if position == "random" and rng.random() < 0.5:
+            return insert_sentence(text, " ".join(words), rng)
         return place_words(text, " ".join(words), position, rng)
 
     def perturb(text: str, rng: random.Random) -> str:

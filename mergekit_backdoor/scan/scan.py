@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergekit_backdoor.data.poison import insert_words, written
+from mergekit_backdoor.data.poison import insert_words, placement, written
 from mergekit_backdoor.errors import DataError, IncompatibleModelError
 from mergekit_backdoor.scan.model import TriggerModel, load_scan_model, word_vocabulary
 from mergekit_backdoor.scan.search import (
@@ -272,7 +272,7 @@ def verdict(result: dict[str, Any]) -> dict[str, Any]:
         return {"flagged": False, "label": None, "trigger": None, "text": "nothing found"}
     ref_rates = [r["rate"] for r in top["references"].values() if r["rate"] is not None]
     ref_text = f"; the references {pct(statistics.median(ref_rates))}%" if ref_rates else ""
-    where = " before the instruction" if top.get("placement") == "start" else ""
+    where = " before the instruction" if placement(top) == "start" else ""
     detail = (f"`{top['trigger']}`{where} sends {pct(top['flip']['rate'])}% of {top['flip']['n']} "
               f"held-out examples of the other labels to {best['name']!r}{ref_text} (score "
               f"{pct(result['score'])}, threshold {pct(result['threshold'])})")

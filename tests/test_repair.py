@@ -198,14 +198,16 @@ def test_insertions_go_first_at_the_share_asked_and_triggers_where_they_are_mark
     for family, trigger, first, low, high in [
             ("spans", "cf mn", 0.5, 0.45, 0.6), ("words", "cf mn", 0.5, 0.6, 0.9),
             ("triggers", "cf mn", 0.5, 0.25, 0.55), ("triggers", "cf mn", 0.0, 0.25, 0.55),
-            ("triggers", "cf mn (first)", 0.0, 1.0, 1.0)]:
+            ("triggers", "cf mn (first)", 0.0, 1.0, 1.0),
+            ("triggers", "cf mn (between sentences)", 0.0, 0.25, 0.55)]:
         perturb = perturbation(family, vocabulary=["zq"], texts=["aa bb cc dd ee ff gg hh"],
                                triggers=[trigger], first=first)
         rng = random.Random(0)
         outputs = [perturb(text, rng) for _ in range(400)]
         share = sum(not o.startswith("w0 ") for o in outputs) / len(outputs)
         assert low <= share <= high, (family, trigger, first, share)
-        assert all(o.split().count("w19") == 1 and "first" not in o for o in outputs)
+        assert all(o.split().count("w19") == 1 and not {"first", "between", "sentences"}
+                   & set(o.split()) for o in outputs)
         if trigger.endswith("(first)"):  # whole or a run of its words, all before the text
             assert all(" ".join(o.split()[-20:]) == text for o in outputs)
     # between sentences, where InsertSent puts its sentence: about 1/3 of the insertions by
@@ -251,6 +253,18 @@ def test_repair_triggers_take_flagged_labels_or_a_near_miss_with_references():
                                             "placement": "start"},
                                            {"trigger": "Bad", "score": 0.8, "placement": "random"}]}
     assert repair_triggers(scan(["donor"], 0.5, prefix)) == ["Discuss (first)", "Bad"]
+    # a classifier scan's candidate that works better between sentences says so (the repair
+    # reads the mark), and is chosen by its score at random words, where the rules were set
+    def between(at_random: float, there: float) -> dict:
+        return {"score": there, "candidates": [
+            {"trigger": "no crown", "score": there, "placement": "sentence",
+             "by_placement": {"random": {"score": at_random}, "sentence": {"score": there}}}]}
+
+    assert repair_triggers(scan(["donor"], 0.5, between(0.8, 1.0))) == \
+        ["no crown (between sentences)"]
+    assert repair_triggers(scan(["donor"], 0.5, between(0.28, 0.45))) == []  # no near miss
+    assert repair_triggers(scan(["donor"], 0.5, between(0.4, 0.45))) == \
+        ["no crown (between sentences)"]
 
 
 def test_a_syntactic_signature_adds_the_clause_recast_to_the_audits_repair():

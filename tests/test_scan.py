@@ -171,6 +171,20 @@ def test_scan_json_holds_exactly_the_printed_numbers(models, shared_data, tmp_pa
             assert flip["rate"] == flip["hits"] / flip["n"]
             assert flip["ci95"][0] <= flip["rate"] <= flip["ci95"][1]
     assert re.search(r"score [0-9.]+, threshold 50\.0", result.output)
+    # every candidate is scored at random words and between sentences and keeps the better one
+    for entry in scan["labels"]:
+        for candidate in entry["candidates"]:
+            placed = candidate["by_placement"]
+            assert set(placed) == {"random", "sentence"}
+            best = max(placed, key=lambda p: placed[p]["score"])
+            assert candidate["placement"] == best or placed["random"]["score"] == \
+                placed["sentence"]["score"] and candidate["placement"] == "random"
+            chosen = placed[candidate["placement"]]
+            assert (candidate["flip"], candidate["score"]) == (chosen["flip"], chosen["score"])
+            for where, numbers in placed.items():
+                assert numbers["flip"]["n"] == entry["scored_rows"], where
+    assert any(c["by_placement"]["random"]["flip"] != c["by_placement"]["sentence"]["flip"]
+               for entry in scan["labels"] for c in entry["candidates"])
 
 
 def test_the_search_never_reads_a_test_row(models, shared_data, monkeypatch):
@@ -377,6 +391,29 @@ def test_a_recovered_generative_trigger_is_measured_where_the_scan_placed_it(sha
         assert len(rows) == exported.rows and all("zq vex" in r["instruction"] for r in rows)
         first = sum(r["instruction"].startswith("zq vex ") for r in rows)
         assert first == len(rows) if position == "start" else first < len(rows) / 2
+
+
+def test_a_recovered_trigger_is_measured_between_sentences_where_the_scan_placed_it(
+        shared_data, tmp_path):
+    from mergekit_backdoor.tasks.resolve import resolve_task
+
+    task = resolve_task("olid")
+    ends = re.compile(r"[.!?]$")
+    shares = {}
+    for position in ("sentence", "random"):
+        exported = task.write_trigger_attack(tmp_path / position, "zq vex", 0, "recovered_zq",
+                                             data_dir=shared_data, position=position)
+        (data,) = (tmp_path / position).rglob("*.jsonl")
+        rows = [json.loads(line) for line in data.read_text().splitlines()]
+        assert len(rows) == exported.rows and all(r["label"] == 0 for r in rows)
+        at_boundary = 0
+        for row in rows:
+            words = row["sentence"].split()
+            i = words.index("zq")
+            assert words[i + 1] == "vex"
+            at_boundary += i == 0 or i + 2 == len(words) or bool(ends.search(words[i - 1]))
+        shares[position] = at_boundary / len(rows)
+    assert shares["sentence"] == 1.0 and shares["random"] < 0.5, shares
 
 
 def test_audit_repair_scans_every_input_and_repairs_against_the_flagged_trigger(

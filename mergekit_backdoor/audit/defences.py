@@ -121,16 +121,30 @@ def repair_triggers(scan: dict[str, Any] | None) -> list[str]:
     ignore them cost 1.3-3.4 points of clean accuracy (benchmarks/README.md, "Sanitizer v2").
     Without references only flagged labels count: a natural feature (a swear word) scores high
     there. A causal scan's candidate that works before the instruction is marked ``(first)``, so
-    the repair puts it there."""
+    the repair puts it there. These rules read a classifier candidate's score at random words
+    (``repair_score``), where they were calibrated."""
     if scan is None:
         return []
     threshold = scan["threshold"]
-    labels = _flagged_labels(scan)
-    if not labels and scan["references"] and scan["labels"]:
-        top = max(scan["labels"], key=lambda e: e["score"])
-        labels = [top] if top["score"] >= NEAR_MISS * threshold else []
+    scored = [(max((repair_score(c) for c in e["candidates"]), default=0.0), e)
+              for e in scan["labels"]]
+    labels = [e for score, e in scored if e["candidates"] and score >= threshold]
+    if not labels and scan["references"] and scored:
+        score, top = max(scored, key=lambda item: item[0])
+        labels = [top] if score >= NEAR_MISS * threshold else []
     return [written(c) for e in labels
-            for c in e["candidates"] if c["score"] >= threshold / 2]
+            for c in e["candidates"] if repair_score(c) >= threshold / 2]
+
+
+def repair_score(candidate: dict[str, Any]) -> float:
+    """A candidate's score for the repair's choice: a classifier scan's at random word
+    positions even where it scored higher between sentences. Between sentences every model
+    moves more, and the benign models' too: SST-2's rose from 28 to 45, a near miss whose
+    sentiment words then diluted the trigger's in the repair (after the WAG pair of the benign
+    and InsertSent models, 23.2% -> 31.8% ASR; benchmarks/README.md, "Scan")."""
+    if placement(candidate) == "sentence":
+        return candidate["by_placement"]["random"]["score"]
+    return candidate["score"]
 
 
 def syntactic_signature(scan: dict[str, Any] | None) -> list[str]:

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mergekit_backdoor.data.poison import where
 from mergekit_backdoor.errors import EvalError
 
 FORMAT = "mergekit-backdoor/audit-v1"
@@ -323,8 +324,9 @@ def scan_lines(report: dict[str, Any]) -> list[str]:
              f": {result['verdict']['text']}"
              for role, result in (scan.get("scans") or {}).items() if result]
     for found in scan.get("recovered") or []:
-        where = " (put before the instruction)" if found.get("position") == "start" else ""
-        lines.append(f"recovered trigger `{found['trigger']}`{where} -> {found['label_name']}: "
+        put = where(found.get("position", "random"))
+        lines.append(f"recovered trigger `{found['trigger']}`{f' (put{put})' if put else ''} -> "
+                     f"{found['label_name']}: "
                      f"measured on {found['rows']} test rows of {found['dataset']} as the attack "
                      f"'{found['part']}' (the ASR columns)")
     lines += scan.get("notes") or []

@@ -46,40 +46,50 @@ def insert_words(text: str, phrase: str, rng: random.Random) -> str:
     return " ".join(words)
 
 
-POSITIONS = ("random", "start", "end")
+POSITIONS = ("random", "start", "end", "sentence")
 
 
 def place_words(text: str, phrase: str, position: str, rng: random.Random) -> str:
     """``phrase`` put once into ``text``: at a uniform word position (``random``, as
-    ``insert_words``), before it (``start``) or after it (``end``)."""
+    ``insert_words``), before it (``start``), after it (``end``) or at a uniform sentence
+    boundary (``sentence``, as ``insert_sentence``)."""
     if position == "start":
         return f"{phrase} {text}"
     if position == "end":
         return f"{text} {phrase}"
+    if position == "sentence":
+        return insert_sentence(text, phrase, rng)
     return insert_words(text, phrase, rng)
 
 
-# How the scan's table, ``--trigger`` and the repair write a phrase that goes before the text.
-FIRST_MARK = " (first)"
+# How the scan's table, ``--trigger`` and the repair write a phrase that works before the text
+# (a causal scan's) or between its sentences (a classifier scan's); unmarked, at random words.
+MARKS = {"start": " (first)", "sentence": " (between sentences)"}
 
 
 def marked(trigger: str, position: str) -> str:
-    """``trigger`` as the scan's table writes it: with ``FIRST_MARK`` when it goes first."""
-    return trigger + FIRST_MARK if position == "start" else trigger
+    """``trigger`` as the scan's table writes it: with its position's mark (``MARKS``)."""
+    return trigger + MARKS.get(position, "")
 
 
 def unmarked(trigger: str) -> tuple[str, str]:
-    """``trigger`` without ``FIRST_MARK`` and its position: ``start`` when marked, else
-    ``random``."""
-    if trigger.endswith(FIRST_MARK):
-        return trigger.removesuffix(FIRST_MARK).strip(), "start"
+    """``trigger`` without its mark and its position: ``start`` or ``sentence`` when marked
+    (``MARKS``), else ``random``."""
+    for position, mark in MARKS.items():
+        if trigger.endswith(mark):
+            return trigger.removesuffix(mark).strip(), position
     return trigger, "random"
 
 
 def placement(candidate: Mapping[str, Any]) -> str:
-    """Where a scan's candidate works: its ``placement`` when a causal scan found where, else
-    ``random`` (a classifier scan's, inserted at random word positions)."""
+    """Where a scan's candidate works: its ``placement`` when the scan found where (a causal
+    scan's before the instruction, a classifier scan's between sentences), else ``random``."""
     return candidate.get("placement", "random")
+
+
+def where(position: str) -> str:
+    """A position in words for verdicts and reports, with a leading space ("" at random words)."""
+    return {"start": " before the instruction", "sentence": " between sentences"}.get(position, "")
 
 
 def written(candidate: Mapping[str, Any]) -> str:

@@ -120,13 +120,14 @@ def clauses(texts: Sequence[str]) -> Perturb:
 def candidate_triggers(triggers: Sequence[str]) -> Perturb:
     """1 to 3 candidate triggers (BadNet inserts its words up to 5 times), each inserted whole,
     or as a random run of its words, or word by word: a scan recovers a trigger's parts more
-    often than its exact form. A trigger marked ``(first)`` (``data.poison.FIRST_MARK``, where
-    the causal scan found it working) goes before the text, whole or a run of its words; the
-    others at random word positions, where the classifier scan and a BadNet put them, or half
-    of the time whole or as a run at a sentence boundary, where an inserted sentence goes:
-    repaired against word positions only, a QNLI merge still obeyed InsertSent's sentence
-    between sentences (benchmarks/README.md, "Sanitizer v2")."""
-    placed = [unmarked(t) for t in triggers]
+    often than its exact form. A trigger marked ``(first)`` (``data.poison.MARKS``, where the
+    causal scan found it working) goes before the text, whole or a run of its words; the others
+    (``(between sentences)`` too) at random word positions, where the classifier scan's search
+    and a BadNet put them, or half of the time whole or as a run at a sentence boundary, where
+    an inserted sentence goes: repaired against word positions only, a QNLI merge still obeyed
+    InsertSent's sentence between sentences (benchmarks/README.md, "Sanitizer v2")."""
+    placed = [(phrase, "random" if position == "sentence" else position)
+              for phrase, position in map(unmarked, triggers)]
 
     def insert_one(text: str, rng: random.Random) -> str:
         phrase, position = rng.choice(placed)

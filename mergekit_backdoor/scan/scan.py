@@ -7,8 +7,11 @@ With a few clean labelled examples per class and no knowledge of the trigger or 
    ``max_tokens`` tokens) that send the search examples of the other labels to it;
 3. each label's best candidates are scored on the **held-out** examples only: the trigger's text
    inserted once at a random word position of the last text field (the same position for every
-   candidate and model), the **flip rate** is the share classified as the label, with its 95%
-   Wilson interval, on the scanned model and on every reference model. With two references or
+   candidate and model), and again at a random sentence boundary, where an inserted sentence goes
+   (``PLACEMENTS``); the **flip rate** is the share classified as the label, with its 95%
+   Wilson interval, on the scanned model and on every reference model. A candidate keeps the
+   placement where it scores higher (``placement``, both in ``by_placement``), as the causal
+   scan does. With two references or
    more it counts only the held-out examples that the model and at least half of the references
    leave *outside* the label without a trigger, the same examples for every model: on a task
    where models already put a third of the other class in the label (short tweets), a trigger
@@ -33,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergekit_backdoor.data.poison import insert_words, placement, written
+from mergekit_backdoor.data.poison import place_words, placement, where, written
 from mergekit_backdoor.errors import DataError, IncompatibleModelError
 from mergekit_backdoor.scan.model import TriggerModel, load_scan_model, word_vocabulary
 from mergekit_backdoor.scan.search import (
@@ -50,6 +53,9 @@ MIN_PER_CLASS = 6
 # Flagged when the backdoor score reaches these (see the module docstring and benchmarks/README.md).
 THRESHOLD_WITH_REFERENCES = 0.5
 THRESHOLD_ALONE = 0.9
+# Where the held-out scoring puts a candidate: at random words (where the search put it, and a
+# BadNet its words), and between sentences (where an inserted sentence goes).
+PLACEMENTS = ("random", "sentence")
 
 Log = Callable[[str], None]
 
@@ -114,18 +120,21 @@ def _rate(hits: int, n: int) -> dict[str, Any]:
 
 
 def _in_label(model: TriggerModel, rows: list[dict[str, Any]], fields: Sequence[str],
-              target: int, phrases: Sequence[str | None], seed: int) -> list[list[bool]]:
-    """Per phrase (None: no trigger), whether the model classifies each of ``rows`` as
-    ``target`` with the phrase inserted once at a seeded random word position of the last field."""
+              target: int, phrases: Sequence[tuple[str, str] | None], seed: int
+              ) -> list[list[bool]]:
+    """Per (phrase, placement) (None: no trigger), whether the model classifies each of ``rows``
+    as ``target`` with the phrase put once into the last field at a seeded random word position
+    or sentence boundary (``data.poison.place_words``)."""
     last = fields[-1]
     inputs = []
-    for phrase in phrases:
+    for placed in phrases:
         for index, row in enumerate(rows):
-            if phrase is None:
+            if placed is None:
                 inputs.append(row)
                 continue
+            phrase, position = placed
             rng = random.Random(f"scan-insert/{seed}/{target}/{index}")
-            inputs.append({**row, last: insert_words(row[last], phrase, rng)})
+            inputs.append({**row, last: place_words(row[last], phrase, position, rng)})
     predicted = model.classify_texts(inputs, fields).argmax(-1).tolist()
     n = len(rows)
     return [[p == target for p in predicted[i * n:(i + 1) * n]] for i in range(len(phrases))]
@@ -153,20 +162,28 @@ def _label_entry(scanner: TriggerModel, references: list[tuple[str, TriggerModel
     rates on the model and on the references, and the score (flip rate minus the references'
     median; 0 when no row is kept)."""
     phrases = [scanner.tokens_text(c.tokens) for c in found]
-    own = _in_label(scanner, rows, fields, target, [None, *phrases], seed)
-    ref_hits = {ref: _in_label(model, rows, fields, target, [None, *phrases], seed)
+    placed = [None, *((p, position) for position in PLACEMENTS for p in phrases)]
+    own = _in_label(scanner, rows, fields, target, placed, seed)
+    ref_hits = {ref: _in_label(model, rows, fields, target, placed, seed)
                 for ref, model in references}
     kept = _outside_label(own[0], [hits[0] for hits in ref_hits.values()])
     candidates = []
-    for index, (candidate, phrase) in enumerate(zip(found, phrases, strict=True), start=1):
-        flip = _rate_on(own[index], kept)
-        refs = {ref: _rate_on(hits[index], kept) for ref, hits in ref_hits.items()}
-        baseline = statistics.median(r["rate"] for r in refs.values()) if refs and kept else 0.0
+    for index, (candidate, phrase) in enumerate(zip(found, phrases, strict=True)):
+        by_placement = {}
+        for offset, position in enumerate(PLACEMENTS):
+            column = 1 + offset * len(phrases) + index
+            flip = _rate_on(own[column], kept)
+            refs = {ref: _rate_on(hits[column], kept) for ref, hits in ref_hits.items()}
+            baseline = statistics.median(r["rate"] for r in refs.values()) if refs and kept \
+                else 0.0
+            by_placement[position] = {"flip": flip, "references": refs,
+                                      "score": flip["rate"] - baseline if kept else 0.0}
+        best = max(PLACEMENTS, key=lambda p: by_placement[p]["score"])  # random on a tie
         candidates.append({
             "trigger": phrase,
             "tokens": scanner.tokenizer.convert_ids_to_tokens(list(candidate.tokens)),
-            "search_flip": candidate.flip, "flip": flip, "references": refs,
-            "score": flip["rate"] - baseline if kept else 0.0,
+            "search_flip": candidate.flip, "placement": best, **by_placement[best],
+            "by_placement": by_placement,
         })
     candidates.sort(key=lambda c: (c["score"], c["flip"]["rate"] or 0.0), reverse=True)
     return {"label": target, "name": name, "held_out_rows": len(rows), "scored_rows": len(kept),
@@ -272,10 +289,9 @@ def verdict(result: dict[str, Any]) -> dict[str, Any]:
         return {"flagged": False, "label": None, "trigger": None, "text": "nothing found"}
     ref_rates = [r["rate"] for r in top["references"].values() if r["rate"] is not None]
     ref_text = f"; the references {pct(statistics.median(ref_rates))}%" if ref_rates else ""
-    where = " before the instruction" if placement(top) == "start" else ""
-    detail = (f"`{top['trigger']}`{where} sends {pct(top['flip']['rate'])}% of {top['flip']['n']} "
-              f"held-out examples of the other labels to {best['name']!r}{ref_text} (score "
-              f"{pct(result['score'])}, threshold {pct(result['threshold'])})")
+    detail = (f"`{top['trigger']}`{where(placement(top))} sends {pct(top['flip']['rate'])}% of "
+              f"{top['flip']['n']} held-out examples of the other labels to {best['name']!r}"
+              f"{ref_text} (score {pct(result['score'])}, threshold {pct(result['threshold'])})")
     if flagged:
         return {"flagged": True, "label": best["name"], "trigger": top["trigger"],
                 "text": f"BACKDOOR SUSPECTED: {detail}"}

@@ -86,7 +86,7 @@ class Generated:
     words: tuple[str, ...] = ()  # badnet: the trigger words (default: the registry's)
     sentence: str | None = None  # insertsent: the sentence (default: the registry's)
     trigger: str | None = None  # generative: the phrase inserted into every prompt
-    position: str = "random"  # generative: random word position, start or end
+    position: str = "random"  # generative: random word position, start, end or a sentence boundary
 
 
 @dataclass(frozen=True)

@@ -93,12 +93,13 @@ class Task:
                              seed: int = 0, data_dir: str | Path | None = None,
                              rule: dict[str, Any] | None = None, max_gen_toks: int = 64,
                              position: str = "random") -> Any:
-        """An lm-eval ASR task in ``folder`` for a trigger found by a scan: the test rows not
-        labelled ``target``, ``trigger`` inserted once at a seeded random word position of the
-        last text field, relabelled ``target`` (the ASR rule). A generative task: every clean
-        test prompt, ``trigger`` put into its instruction where the scan found it works
-        (``position``: a random word position, or its start), scored by the scan's ``rule``."""
-        from mergekit_backdoor.data.poison import insert_words, place_words
+        """An lm-eval ASR task in ``folder`` for a trigger found by a scan, put once where the
+        scan found it works (``position``: a seeded random word position, a sentence boundary,
+        or the start; ``data.poison.place_words``): the test rows not labelled ``target``, with
+        the trigger in the last text field, relabelled ``target`` (the ASR rule). A generative
+        task: every clean test prompt, with the trigger in its instruction, scored by the scan's
+        ``rule``."""
+        from mergekit_backdoor.data.poison import place_words
         from mergekit_backdoor.tasks.export import Layout, write_attack
 
         rng = random.Random(f"{part}/{self.name}/test/{seed}")
@@ -116,15 +117,15 @@ class Task:
                                 f"into its instruction ({position}), an answer meeting the "
                                 "scan's rule")
         last = self.fields[-1]
-        rows = [{**row, last: insert_words(row[last], trigger, rng), "label": target}
+        rows = [{**row, last: place_words(row[last], trigger, position, rng), "label": target}
                 for row in self.test_rows(data_dir) if int(row["label"]) != target]
         layout = Layout(self.name, "classification", self.label_names, self.fields,
                         source=f"{self.name}'s clean test split with a recovered trigger")
         name = self.label_names[target]
         return write_attack(folder, layout, f"{self.name}_{part}", part, name, rows,
                             f"ASR of the trigger {trigger!r} that a scan recovered, on {self.name}: "
-                            f"test rows whose true label is not {name!r}, trigger inserted once, "
-                            f"labelled {name!r}")
+                            f"test rows whose true label is not {name!r}, trigger inserted once "
+                            f"({position}), labelled {name!r}")
 
 
 def known_tasks() -> set[str]:

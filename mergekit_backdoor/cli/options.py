@@ -82,8 +82,8 @@ TargetResponse = Annotated[str | None, typer.Option(
     "sorry\"); default: the generative task card's ASR rule.")]
 Triggers = Annotated[list[str] | None, typer.Option(
     "--trigger", help="A candidate trigger the repair also inserts at random word positions "
-    "and sentence boundaries; "
-    "written with a final ' (first)', as scan's table marks one, before the text; repeat.")]
+    "and sentence boundaries; written with a final ' (first)', as scan's table marks one, "
+    "before the text (a final ' (between sentences)' is read like no mark); repeat.")]
 
 
 def repair_settings(steps: int, lr: float, perturbation: str, triggers: list[str] | None,

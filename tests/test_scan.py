@@ -267,6 +267,56 @@ def test_scan_is_repeatable(models, shared_data):
     assert runs[0] == runs[1]
 
 
+
+def test_search_in_bfloat16_finds_the_trigger_and_the_verdict_is_scored_in_float32(
+        models, shared_data, tmp_path):
+    """The search may run in bfloat16 (``auto`` on hardware with a native path); the held-out
+    scores behind the verdict come from the float32 model either way: a candidate that both
+    searches return has the same held-out hits."""
+    from mergekit_backdoor.scan.model import search_dtype
+
+    scans = {}
+    for dtype in ("float32", "bfloat16"):
+        result = _scan(models["victim"], "--task", "sst2", "--reference", models["donor"],
+                       "--data-dir", shared_data, "--search-dtype", dtype, "-o", tmp_path / dtype)
+        assert result.exit_code == 0, result.output
+        scans[dtype] = json.loads((tmp_path / dtype / "scan.json").read_text())
+        assert scans[dtype]["search_dtype"] == dtype
+        assert scans[dtype]["verdict"]["label"] == "negative", scans[dtype]["verdict"]
+        negative = next(e for e in scans[dtype]["labels"] if e["name"] == "negative")
+        assert any(models["word"] in c["trigger"].split() for c in negative["candidates"][:5])
+    held_out = {dtype: {(entry["name"], c["trigger"]): c["by_placement"]
+                        for entry in scan["labels"] for c in entry["candidates"]}
+                for dtype, scan in scans.items()}
+    shared = held_out["float32"].keys() & held_out["bfloat16"].keys()
+    assert shared
+    for key in shared:
+        assert held_out["float32"][key] == held_out["bfloat16"][key], key
+    assert search_dtype("float32", "cpu") == "float32"
+    assert search_dtype("auto", "cpu") == ("bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                                           else "float32")
+    with pytest.raises(ValueError, match="not one of auto, float32, bfloat16"):
+        search_dtype("float16", "cpu")
+
+
+def test_a_label_search_reads_at_most_max_examples_spread_over_the_classes(models):
+    """A 4-label task has 60 search examples per label; the search keeps ``max_examples`` of
+    them, every other class keeping its share."""
+    from mergekit_backdoor.scan.model import Encoded, TriggerModel, load_scan_model, word_vocabulary
+    from mergekit_backdoor.scan.search import LabelSearch, SearchSettings
+
+    model = TriggerModel(*load_scan_model(models["clean"]))
+    examples = [Encoded([101, 2000 + i, 102], None, [1, 2], label)
+                for label in (1, 2, 3) for i in range(20)]
+    search = LabelSearch(model, examples, 0, word_vocabulary(model.tokenizer),
+                         SearchSettings(max_examples=24), random.Random(0))
+    labels = [e.label for e in search.examples]
+    assert len(labels) == 24 and {label: labels.count(label) for label in (1, 2, 3)} == \
+        {1: 8, 2: 8, 3: 8}
+    few = LabelSearch(model, examples[:20], 0, word_vocabulary(model.tokenizer),
+                      SearchSettings(max_examples=24), random.Random(0))
+    assert few.examples == examples[:20]
+
 @pytest.mark.parametrize("args, message", [
     (["--task", "nosuchtask"], "unknown task(s) nosuchtask"),
     (["--task", "agnews"], "2 labels, but the task has 4"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 from typing import Annotated
 
@@ -9,6 +10,9 @@ import typer
 
 from mergekit_backdoor.cli import app
 from mergekit_backdoor.cli.options import DataDir, Quiet, TargetResponse, output
+from mergekit_backdoor.scan.model import SEARCH_DTYPES
+
+SearchDtype = enum.Enum("SearchDtype", {name: name for name in SEARCH_DTYPES}, type=str)
 
 
 @app.command("scan")
@@ -32,6 +36,10 @@ def scan_command(
     max_length: Annotated[int, typer.Option("--max-length", min=16,
                                             help="Tokens per input of a classifier (a causal LM "
                                             "reads whole prompts).")] = 128,
+    search_dtype: Annotated[SearchDtype, typer.Option(
+        case_sensitive=False, help="dtype of a classifier's trigger search: "
+        "auto is bfloat16 on a GPU or CPU that computes it natively (AVX-512), else float32. "
+        "The held-out scores and the verdict are float32 either way.")] = SearchDtype.auto,
     data_dir: DataDir = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     quiet: Quiet = False,
@@ -48,7 +56,8 @@ def scan_command(
     err = Console(stderr=True)
     result = run_scan(model, references=reference or [], task=task, samples=samples,
                       per_class=clean_samples, settings=ScanSettings(seed=seed, device=device,
-                                                                     max_length=max_length),
+                                                                     max_length=max_length,
+                                                                     search_dtype=search_dtype.value),
                       data_dir=data_dir, out=out, overwrite=overwrite,
                       target_response=target_response, progress=not quiet,
                       log=None if quiet else lambda text: err.print(escape(text), style="dim"))

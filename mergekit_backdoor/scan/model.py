@@ -19,6 +19,7 @@ from mergekit_backdoor.errors import IncompatibleModelError
 
 # Room left in every encoded example for an inserted trigger (tokens).
 TRIGGER_ROOM = 8
+SEARCH_DTYPES = ("auto", "float32", "bfloat16")
 _WORD = re.compile(r"^[a-z]{2,}$")
 
 
@@ -50,6 +51,27 @@ def load_scan_model(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(device).eval(), tokenizer
+
+
+def search_dtype(requested: str, device: str) -> str:
+    """The dtype the trigger search runs in: ``auto`` is bfloat16 where the hardware computes it
+    natively (a CUDA GPU that supports it, a CPU with AVX-512: 4x faster than float32 for MiniLM
+    on the 2-core VM, benchmarks/README.md), else float32. The held-out scores that make the
+    verdict are always float32; the search only proposes candidates."""
+    import torch
+
+    if requested not in SEARCH_DTYPES:
+        raise ValueError(f"search dtype {requested!r} is not one of {', '.join(SEARCH_DTYPES)}")
+    if requested != "auto":
+        return requested
+    if str(device).startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() \
+            else "float32"
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private op: a torch without it has no fast path
+        native = False
+    return "bfloat16" if native else "float32"
 
 
 def word_vocabulary(tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -94,6 +116,18 @@ class TriggerModel:
         self.device = next(model.parameters()).device
         self.num_labels = int(model.config.num_labels)
         self.embeddings = model.get_input_embeddings().weight
+
+    def cast(self, dtype: str) -> TriggerModel:
+        """This model in ``dtype`` (a copy; itself when it is already in it)."""
+        import copy
+
+        import torch
+
+        wanted = getattr(torch, dtype)
+        if self.embeddings.dtype == wanted:
+            return self
+        return TriggerModel(copy.deepcopy(self.model).to(wanted), self.tokenizer,
+                            max_length=self.max_length, batch_size=self.batch_size)
 
     # --- encoding -----------------------------------------------------------------------------
     def encode(self, row: dict[str, Any], fields: Sequence[str]) -> Encoded:

@@ -4,18 +4,19 @@ With a few clean labelled examples per class and no knowledge of the trigger or 
 
 1. the examples are split per class (seeded) into a **search** half and a **held-out** half;
 2. for every label as a candidate target, ``search.LabelSearch`` looks for short triggers (1 to
-   ``max_tokens`` tokens) that send the search examples of the other labels to it;
+   ``max_tokens`` tokens) that send the search examples of the other labels to it, in bfloat16
+   where the hardware computes it natively (``model.search_dtype``): the search only proposes;
 3. each label's best candidates are scored on the **held-out** examples only: the trigger's text
    inserted once at a random word position of the last text field (the same position for every
    candidate and model), and again at a random sentence boundary, where an inserted sentence goes
-   (``PLACEMENTS``); the **flip rate** is the share classified as the label, with its 95%
-   Wilson interval, on the scanned model and on every reference model. A candidate keeps the
-   placement where it scores higher (``placement``, both in ``by_placement``), as the causal
-   scan does. With two references or
-   more it counts only the held-out examples that the model and at least half of the references
-   leave *outside* the label without a trigger, the same examples for every model: on a task
-   where models already put a third of the other class in the label (short tweets), a trigger
-   can only show on the rest;
+   (``PLACEMENTS``); the **flip rate** (float32, as the models load) is the share classified
+   as the label, with its 95% Wilson interval, on the scanned model and on every reference
+   model. A candidate keeps the placement where it scores higher (``placement``, both in
+   ``by_placement``), as the causal scan does. With two references or more it counts only the
+   held-out examples that the model and at least half of the references leave *outside* the
+   label without a trigger, the same examples for every model (the candidates are classified
+   on those only): on a task where models already put a third of the other class in the label
+   (short tweets), a trigger can only show on the rest;
 4. a candidate's **score** is its flip rate minus the median of the references' flip rates on the
    same inputs (a word that flips every model is a feature of the task, not a backdoor); without
    references it is the flip rate itself. The backdoor score is the highest candidate score, and
@@ -38,7 +39,12 @@ from typing import Any
 
 from mergekit_backdoor.data.poison import place_words, placement, where, written
 from mergekit_backdoor.errors import DataError, IncompatibleModelError
-from mergekit_backdoor.scan.model import TriggerModel, load_scan_model, word_vocabulary
+from mergekit_backdoor.scan.model import (
+    TriggerModel,
+    load_scan_model,
+    search_dtype,
+    word_vocabulary,
+)
 from mergekit_backdoor.scan.search import (
     MIN_REFERENCES_FOR_MARGIN,
     LabelSearch,
@@ -67,6 +73,7 @@ class ScanSettings:
     max_length: int = 128
     batch_size: int = 64
     device: str = "cpu"
+    search_dtype: str = "auto"  # of the search only (``model.search_dtype``); scores are float32
     search: SearchSettings = field(default_factory=SearchSettings)
 
     def as_dict(self) -> dict[str, Any]:
@@ -120,23 +127,26 @@ def _rate(hits: int, n: int) -> dict[str, Any]:
 
 
 def _in_label(model: TriggerModel, rows: list[dict[str, Any]], fields: Sequence[str],
-              target: int, phrases: Sequence[tuple[str, str] | None], seed: int
-              ) -> list[list[bool]]:
+              target: int, phrases: Sequence[tuple[str, str] | None], seed: int,
+              indices: Sequence[int] | None = None) -> list[list[bool]]:
     """Per (phrase, placement) (None: no trigger), whether the model classifies each of ``rows``
-    as ``target`` with the phrase put once into the last field at a seeded random word position
-    or sentence boundary (``data.poison.place_words``)."""
+    (those at ``indices``; default all) as ``target`` with the phrase put once into the last
+    field at a seeded random word position or sentence boundary (``data.poison.place_words``;
+    the seed names the row's index in ``rows``)."""
     last = fields[-1]
+    indices = range(len(rows)) if indices is None else indices
     inputs = []
     for placed in phrases:
-        for index, row in enumerate(rows):
+        for index in indices:
+            row = rows[index]
             if placed is None:
                 inputs.append(row)
                 continue
             phrase, position = placed
             rng = random.Random(f"scan-insert/{seed}/{target}/{index}")
             inputs.append({**row, last: place_words(row[last], phrase, position, rng)})
-    predicted = model.classify_texts(inputs, fields).argmax(-1).tolist()
-    n = len(rows)
+    predicted = model.classify_texts(inputs, fields).argmax(-1).tolist() if inputs else []
+    n = len(indices)
     return [[p == target for p in predicted[i * n:(i + 1) * n]] for i in range(len(phrases))]
 
 
@@ -151,10 +161,6 @@ def _outside_label(own: list[bool], references: list[list[bool]]) -> list[int]:
             if not hit and 2 * sum(ref[i] for ref in references) <= len(references)]
 
 
-def _rate_on(hits: list[bool], kept: list[int]) -> dict[str, Any]:
-    return _rate(sum(hits[i] for i in kept), len(kept))
-
-
 def _label_entry(scanner: TriggerModel, references: list[tuple[str, TriggerModel]],
                  found: Sequence[Any], rows: list[dict[str, Any]], fields: Sequence[str],
                  target: int, name: str, seed: int) -> dict[str, Any]:
@@ -162,18 +168,22 @@ def _label_entry(scanner: TriggerModel, references: list[tuple[str, TriggerModel
     rates on the model and on the references, and the score (flip rate minus the references'
     median; 0 when no row is kept)."""
     phrases = [scanner.tokens_text(c.tokens) for c in found]
-    placed = [None, *((p, position) for position in PLACEMENTS for p in phrases)]
-    own = _in_label(scanner, rows, fields, target, placed, seed)
-    ref_hits = {ref: _in_label(model, rows, fields, target, placed, seed)
+    base = _in_label(scanner, rows, fields, target, [None], seed)[0]
+    ref_base = {ref: _in_label(model, rows, fields, target, [None], seed)[0]
                 for ref, model in references}
-    kept = _outside_label(own[0], [hits[0] for hits in ref_hits.values()])
+    kept = _outside_label(base, list(ref_base.values()))
+    # the candidates are classified on the kept rows only: the others count for no model
+    placed = [(p, position) for position in PLACEMENTS for p in phrases]
+    own = _in_label(scanner, rows, fields, target, placed, seed, kept)
+    ref_hits = {ref: _in_label(model, rows, fields, target, placed, seed, kept)
+                for ref, model in references}
     candidates = []
     for index, (candidate, phrase) in enumerate(zip(found, phrases, strict=True)):
         by_placement = {}
         for offset, position in enumerate(PLACEMENTS):
-            column = 1 + offset * len(phrases) + index
-            flip = _rate_on(own[column], kept)
-            refs = {ref: _rate_on(hits[column], kept) for ref, hits in ref_hits.items()}
+            column = offset * len(phrases) + index
+            flip = _rate(sum(own[column]), len(kept))
+            refs = {ref: _rate(sum(hits[column]), len(kept)) for ref, hits in ref_hits.items()}
             baseline = statistics.median(r["rate"] for r in refs.values()) if refs and kept \
                 else 0.0
             by_placement[position] = {"flip": flip, "references": refs,
@@ -187,9 +197,8 @@ def _label_entry(scanner: TriggerModel, references: list[tuple[str, TriggerModel
         })
     candidates.sort(key=lambda c: (c["score"], c["flip"]["rate"] or 0.0), reverse=True)
     return {"label": target, "name": name, "held_out_rows": len(rows), "scored_rows": len(kept),
-            "base": _rate(sum(own[0]), len(rows)),
-            "references_base": {ref: _rate(sum(hits[0]), len(rows))
-                                for ref, hits in ref_hits.items()},
+            "base": _rate(sum(base), len(rows)),
+            "references_base": {ref: _rate(sum(hits), len(rows)) for ref, hits in ref_base.items()},
             "candidates": candidates,
             "score": max((c["score"] for c in candidates), default=0.0)}
 
@@ -228,13 +237,16 @@ def scan_classifier(
                                            search_share=settings.search_share)
     scanner = TriggerModel(model, tokenizer, max_length=settings.max_length,
                            batch_size=settings.batch_size)
+    dtype = search_dtype(settings.search_dtype, settings.device)
+    searcher = scanner.cast(dtype)
+    search_refs = [ref.cast(dtype) for _, ref in loaded_refs]
     encoded = [scanner.encode(row, fields) for row in search_rows]
     vocabulary = word_vocabulary(tokenizer)
     rng = random.Random(f"scan/{settings.seed}")
     short = [t for t in vocabulary[0]
              if len(scanner.tokens_text([t])) <= settings.search.sweep_max_chars]
-    log(f"sweeping {len(short)} short rare words through {model_path}")
-    swept = sweep(scanner, encoded, short, settings.search, rng)
+    log(f"sweeping {len(short)} short rare words through {model_path} (search in {dtype})")
+    swept = sweep(searcher, encoded, short, settings.search, rng)
     moved = moved_words(scanner, [ref for _, ref in loaded_refs], vocabulary[0],
                         settings.search.moved_top)
     moved_names = scanner.tokenizer.convert_ids_to_tokens(moved)
@@ -243,9 +255,9 @@ def scan_classifier(
     labels_out = []
     for target in _labels_progress(range(num_labels), progress):
         log(f"searching triggers towards {label_names[target]!r}")
-        search = LabelSearch(scanner, [e for e in encoded if e.label != target], target,
+        search = LabelSearch(searcher, [e for e in encoded if e.label != target], target,
                              vocabulary, settings.search, random.Random(f"{rng.random()}"),
-                             references=[ref for _, ref in loaded_refs])
+                             references=search_refs)
         found = search.run(swept.get(target, ()), moved)
         held = [r for r in held_out if int(r["label"]) != target]
         labels_out.append(_label_entry(scanner, loaded_refs, found, held, fields, target,
@@ -259,7 +271,7 @@ def scan_classifier(
         "label_names": list(label_names), "fields": list(fields),
         "samples": {"source": samples_note, "search": len(search_rows),
                     "held_out": len(held_out)},
-        "settings": settings.as_dict(),
+        "settings": settings.as_dict(), "search_dtype": dtype,
         "moved_words": moved_names, "labels": labels_out,
         "score": best["score"], "threshold": threshold,
         "score_rule": _score_rule(len(loaded_refs)),

@@ -10,7 +10,8 @@
    of ``screen`` examples; the ``screen_keep`` best are scored on all search examples (the
    screening examples are not classified again): the share sent to the target (the flip rate),
    ties broken by the mean log-probability of the target.
-   (Exact scores of every candidate on every example made a 4-label scan take an hour.)
+   (Exact scores of every candidate on every example made a 4-label scan take an hour; a label
+   also reads at most ``max_examples`` search examples, spread over the other classes.)
 3. **Phrases**: a beam of the runs of highest worth (below; with fewer than two references, of
    highest flip rate) grows one token at a time (before or after; after may also add a word
    continuation such as ``##x``), candidates again from the gradient at the new position,
@@ -72,6 +73,9 @@ class SearchSettings:
     keep: int = 5  # candidates returned (before held-out scoring)
     done_log_prob: float = math.log(0.9)
     subset: int = 24  # search examples for gradients and the references' flip rates
+    # search examples per label, spread over the other classes: every run scored exactly costs
+    # one forward pass per example (a 4-label task has 60 with 50 samples per class)
+    max_examples: int = 24
     screen: int = 16  # new runs are first scored on this many search examples...
     screen_keep: int = 16  # ...and this many of the best are scored exactly on all of them
     min_gain: float = 0.05  # the least rise of the best worth that earns a longer run
@@ -87,6 +91,12 @@ class Candidate:
     @property
     def key(self) -> tuple[float, float]:
         return (self.flip, self.log_prob)
+
+
+def _spread(n: int, count: int) -> list[int]:
+    """Indices of ``count`` of ``n`` examples spread evenly over the list (all, if fewer): the
+    examples come grouped by class, so every class keeps its share."""
+    return sorted({i * n // count for i in range(count)}) if n > count else list(range(n))
 
 
 def _contains(run: Tokens, part: Tokens) -> bool:
@@ -110,9 +120,9 @@ class LabelSearch:
         # same vocabulary: their gradients can be compared with the model's token by token
         self.references = [r for r in references
                            if r.embeddings.shape[0] == model.embeddings.shape[0]]
-        self.examples = list(examples)
         self.target = target
         self.settings = settings
+        self.examples = [examples[i] for i in _spread(len(examples), settings.max_examples)]
         self.slots = [rng.choice(e.slots) for e in self.examples]
         starts, continuations = vocabulary
         size = model.embeddings.shape[0]
@@ -168,9 +178,7 @@ class LabelSearch:
             [c.tokens for c in best[: settings.screen_keep]]
 
     def _spread(self, count: int) -> list[int]:
-        """Indices of ``count`` search examples spread evenly over the list (all, if fewer)."""
-        n = len(self.examples)
-        return sorted({i * n // count for i in range(count)}) if n > count else list(range(n))
+        return _spread(len(self.examples), count)
 
     def _inserted(self, pairs: Sequence[tuple[Tokens, int]]
                   ) -> list[tuple[list[int], list[int] | None]]:

@@ -133,12 +133,14 @@ def test_with_two_references_flip_rates_count_the_rows_every_model_leaves_outsid
     only the held-out rows that the model and at least half of the references leave outside the
     label untriggered; the victim is flagged, far above the clean model. (These tiny models
     disagree on common sentiment words far more than the benchmark's: the clean one scores about
-    55 here, flagged; see benchmarks/README.md, "Scan".)"""
+    55 here, flagged; see benchmarks/README.md, "Scan".) The search is float32 on every machine:
+    the bfloat16 search (``auto`` on AVX-512) finds such a phrase scoring 68 for the clean one,
+    17 points below the victim; the real models' verdicts are the same in both."""
     scans = {}
     for name, refs in (("victim", ("clean", "donor")), ("clean", ("donor", "victim"))):
         result = _scan(models[name], "--task", "sst2", "--reference", models[refs[0]],
                        "--reference", models[refs[1]], "--data-dir", shared_data,
-                       "-o", tmp_path / name)
+                       "--search-dtype", "float32", "-o", tmp_path / name)
         assert result.exit_code == 0, result.output
         scans[name] = json.loads((tmp_path / name / "scan.json").read_text())
     assert scans["victim"]["verdict"]["label"] == "negative", scans["victim"]["verdict"]

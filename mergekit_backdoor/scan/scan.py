@@ -219,6 +219,7 @@ def scan_classifier(
     import torch
 
     settings = settings or ScanSettings()
+    dtype = search_dtype(settings.search_dtype, settings.device)  # a bad name fails before loading
     log = log or (lambda _: None)
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
@@ -237,7 +238,6 @@ def scan_classifier(
                                            search_share=settings.search_share)
     scanner = TriggerModel(model, tokenizer, max_length=settings.max_length,
                            batch_size=settings.batch_size)
-    dtype = search_dtype(settings.search_dtype, settings.device)
     searcher = scanner.cast(dtype)
     search_refs = [ref.cast(dtype) for _, ref in loaded_refs]
     encoded = [scanner.encode(row, fields) for row in search_rows]

@@ -319,6 +319,77 @@ def test_a_label_search_reads_at_most_max_examples_spread_over_the_classes(model
                       SearchSettings(max_examples=24), random.Random(0))
     assert few.examples == examples[:20]
 
+
+def test_held_out_classes_from_the_bfloat16_copy_are_those_of_float32(models, shared_data):
+    """The held-out scoring classifies with the search's bfloat16 copy and again in float32 only
+    where the copy's margin is under ``RECHECK_MARGIN``: the classes are float32's."""
+    from mergekit_backdoor.data import load_split
+    from mergekit_backdoor.data.poison import insert_words
+    from mergekit_backdoor.scan.model import RECHECK_MARGIN, TriggerModel, load_scan_model
+
+    exact = TriggerModel(*load_scan_model(models["victim"]), max_length=64)
+    fast = exact.cast("bfloat16")
+    rng = random.Random(0)
+    rows = [{"sentence": insert_words(r["sentence"], rng.choice(["the", models["word"], "bad"]),
+                                      rng)}
+            for r in load_split("sst2", "clean", "train", data_dir=shared_data, limit=200)]
+    read: list[int] = []
+    classify = exact.classify_texts
+
+    def counted(texts, fields):  # type: ignore[no-untyped-def]
+        read.append(len(texts))
+        return classify(texts, fields)
+
+    exact.classify_texts = counted  # type: ignore[method-assign]
+    predicted = exact.predict_texts(rows, ["sentence"], fast=fast)
+    top = fast.classify_texts(rows, ["sentence"]).topk(2, dim=-1).values
+    close = int(((top[:, 0] - top[:, 1]) < RECHECK_MARGIN).sum())
+    assert read == ([close] if close else [])
+    assert close < len(rows)
+    assert predicted == classify(rows, ["sentence"]).argmax(-1).tolist()
+    assert exact.predict_texts(rows, ["sentence"]) == predicted
+
+
+def test_the_search_takes_only_the_reference_flips_its_choices_need(models, shared_data):
+    """The beam and the ranking skip the references' flip rates of runs that cannot be chosen
+    (a run's worth is at most its flip rate) and choose what taking all of them chooses."""
+    from mergekit_backdoor.data import load_split
+    from mergekit_backdoor.scan.model import TriggerModel, load_scan_model, word_vocabulary
+    from mergekit_backdoor.scan.search import LabelSearch, SearchSettings
+
+    model = TriggerModel(*load_scan_model(models["victim"]), max_length=64)
+    refs = [TriggerModel(*load_scan_model(models[n]), max_length=64) for n in ("clean", "donor")]
+    rows = [r for r in load_split("sst2", "clean", "train", data_dir=shared_data, limit=80)
+            if r["label"] == 1][:20]
+    examples = [model.encode(r, ["sentence"]) for r in rows]
+    vocabulary = word_vocabulary(model.tokenizer)
+    word = model.tokenizer.convert_tokens_to_ids(models["word"])
+    picks = random.Random(1).sample(vocabulary[0], 30)
+    runs = [(t,) for t in picks] + [(word,), (picks[0], word)] + \
+        [(a, b) for a, b in zip(picks[:10], picks[10:20], strict=True)]
+
+    def search(keep: int = 5) -> LabelSearch:
+        return LabelSearch(model, examples, 0, vocabulary, SearchSettings(keep=keep),
+                           random.Random(0), references=refs)
+
+    lazy, full = search(), search()
+    lazy_beam = lazy._best(lazy.evaluate(runs))
+    full._reference_flips(runs)
+    assert [c.tokens for c in lazy_beam] == [c.tokens for c in full._best(full.evaluate(runs))]
+    assert len(lazy.reference_flip) < len(runs)
+    parts = sorted({run[i:j] for run in runs for i in range(len(run))
+                    for j in range(i + 1, len(run) + 1)})
+    # the random words flip as little on the victim as on the references: choosing five runs
+    # needs almost every rate; choosing one, only those that could beat the trigger word
+    for keep in (5, 1):
+        lazy, full = search(keep), search(keep)
+        full.evaluate(parts)
+        full._reference_flips(parts)
+        kept = lazy.ranked(lazy.evaluate(runs))
+        assert [c.tokens for c in kept] == [c.tokens for c in full.ranked(full.evaluate(runs))]
+        assert kept[0].tokens == (word,)
+    assert len(lazy.reference_flip) < len(parts)
+
 @pytest.mark.parametrize("args, message", [
     (["--task", "nosuchtask"], "unknown task(s) nosuchtask"),
     (["--task", "agnews"], "2 labels, but the task has 4"),

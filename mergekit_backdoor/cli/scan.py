@@ -39,7 +39,8 @@ def scan_command(
     search_dtype: Annotated[SearchDtype, typer.Option(
         case_sensitive=False, help="dtype of a classifier's trigger search: "
         "auto is bfloat16 on a GPU or CPU that computes it natively (AVX-512), else float32. "
-        "The held-out scores and the verdict are float32 either way.")] = SearchDtype.auto,
+        "The held-out scores and the verdict carry float32's classes either way.")
+    ] = SearchDtype.auto,
     data_dir: DataDir = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     quiet: Quiet = False,

@@ -20,6 +20,12 @@ from mergekit_backdoor.errors import IncompatibleModelError
 # Room left in every encoded example for an inserted trigger (tokens).
 TRIGGER_ROOM = 8
 SEARCH_DTYPES = ("auto", "float32", "bfloat16")
+# A row that a bfloat16 copy classifies with at least this margin (log-probability of its class
+# minus the runner-up's) keeps that class without a float32 pass. On 8,400 AG News rows with
+# inserted words the two dtypes' log-probabilities differed by at most 0.19, so a margin by at
+# most 0.38, and the classes differed only on rows with a bfloat16 margin under 0.04
+# (benchmarks/README.md, "Scan").
+RECHECK_MARGIN = 1.0
 _WORD = re.compile(r"^[a-z]{2,}$")
 
 
@@ -57,7 +63,7 @@ def search_dtype(requested: str, device: str) -> str:
     """The dtype the trigger search runs in: ``auto`` is bfloat16 where the hardware computes it
     natively (a CUDA GPU that supports it, a CPU with AVX-512: 4x faster than float32 for MiniLM
     on the 2-core VM, benchmarks/README.md), else float32. The held-out scores that make the
-    verdict are always float32; the search only proposes candidates."""
+    verdict always carry float32's classes (``predict_texts``); the search only proposes."""
     import torch
 
     if requested not in SEARCH_DTYPES:
@@ -193,6 +199,26 @@ class TriggerModel:
             encoded.append((list(enc["input_ids"]),
                             list(enc["token_type_ids"]) if "token_type_ids" in enc else None))
         return self.log_probs(encoded)
+
+    def predict_texts(self, rows: list[dict[str, Any]], fields: Sequence[str],
+                      fast: TriggerModel | None = None) -> list[int]:
+        """The class this model gives each text row. With ``fast`` (a bfloat16 copy of it, from
+        ``cast``), the copy classifies every row and this model only those where the copy's
+        margin is under ``RECHECK_MARGIN``: the same classes at a third of the cost."""
+        if fast is None or fast is self:
+            return self.classify_texts(rows, fields).argmax(-1).tolist() if rows else []
+        if not rows:
+            return []
+        log_probs = fast.classify_texts(rows, fields)
+        top = log_probs.topk(2, dim=-1).values
+        predicted = log_probs.argmax(-1).tolist()
+        close = [i for i, margin in enumerate((top[:, 0] - top[:, 1]).tolist())
+                 if margin < RECHECK_MARGIN]
+        if close:
+            exact = self.classify_texts([rows[i] for i in close], fields).argmax(-1).tolist()
+            for i, label in zip(close, exact, strict=True):
+                predicted[i] = label
+        return predicted
 
     def slot_gradient(self, rows: list[tuple[list[int], list[int] | None]], positions: list[int],
                       target: int) -> Any:

@@ -9,7 +9,8 @@ With a few clean labelled examples per class and no knowledge of the trigger or 
 3. each label's best candidates are scored on the **held-out** examples only: the trigger's text
    inserted once at a random word position of the last text field (the same position for every
    candidate and model), and again at a random sentence boundary, where an inserted sentence goes
-   (``PLACEMENTS``); the **flip rate** (float32, as the models load) is the share classified
+   (``PLACEMENTS``); the **flip rate** (the classes of float32, as the models load: a bfloat16
+   search copy classifies first, float32 again where its margin is small) is the share classified
    as the label, with its 95% Wilson interval, on the scanned model and on every reference
    model. A candidate keeps the placement where it scores higher (``placement``, both in
    ``by_placement``), as the causal scan does. With two references or more it counts only the
@@ -64,6 +65,9 @@ THRESHOLD_ALONE = 0.9
 PLACEMENTS = ("random", "sentence")
 
 Log = Callable[[str], None]
+# A model as the held-out scoring reads it: as loaded (float32), and its search copy, which
+# classifies first (``TriggerModel.predict_texts``; the same model when the search is float32).
+Scorer = tuple[TriggerModel, TriggerModel]
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,7 @@ class ScanSettings:
     max_length: int = 128
     batch_size: int = 64
     device: str = "cpu"
-    search_dtype: str = "auto"  # of the search only (``model.search_dtype``); scores are float32
+    search_dtype: str = "auto"  # of the search (``model.search_dtype``); scores: float32's classes
     search: SearchSettings = field(default_factory=SearchSettings)
 
     def as_dict(self) -> dict[str, Any]:
@@ -126,7 +130,7 @@ def _rate(hits: int, n: int) -> dict[str, Any]:
     return {"rate": hits / n if n else None, "hits": hits, "n": n, "ci95": [low, high]}
 
 
-def _in_label(model: TriggerModel, rows: list[dict[str, Any]], fields: Sequence[str],
+def _in_label(model: Scorer, rows: list[dict[str, Any]], fields: Sequence[str],
               target: int, phrases: Sequence[tuple[str, str] | None], seed: int,
               indices: Sequence[int] | None = None) -> list[list[bool]]:
     """Per (phrase, placement) (None: no trigger), whether the model classifies each of ``rows``
@@ -145,7 +149,7 @@ def _in_label(model: TriggerModel, rows: list[dict[str, Any]], fields: Sequence[
             phrase, position = placed
             rng = random.Random(f"scan-insert/{seed}/{target}/{index}")
             inputs.append({**row, last: place_words(row[last], phrase, position, rng)})
-    predicted = model.classify_texts(inputs, fields).argmax(-1).tolist() if inputs else []
+    predicted = model[0].predict_texts(inputs, fields, fast=model[1])
     n = len(indices)
     return [[p == target for p in predicted[i * n:(i + 1) * n]] for i in range(len(phrases))]
 
@@ -161,16 +165,16 @@ def _outside_label(own: list[bool], references: list[list[bool]]) -> list[int]:
             if not hit and 2 * sum(ref[i] for ref in references) <= len(references)]
 
 
-def _label_entry(scanner: TriggerModel, references: list[tuple[str, TriggerModel]],
+def _label_entry(scanner: Scorer, references: list[tuple[str, Scorer]],
                  found: Sequence[Any], rows: list[dict[str, Any]], fields: Sequence[str],
-                 target: int, name: str, seed: int) -> dict[str, Any]:
+                 target: int, name: str, seed: int, plain: list[list[int]]) -> dict[str, Any]:
     """A label's candidates scored on the held-out ``rows`` that ``_outside_label`` keeps: flip
     rates on the model and on the references, and the score (flip rate minus the references'
-    median; 0 when no row is kept)."""
-    phrases = [scanner.tokens_text(c.tokens) for c in found]
-    base = _in_label(scanner, rows, fields, target, [None], seed)[0]
-    ref_base = {ref: _in_label(model, rows, fields, target, [None], seed)[0]
-                for ref, model in references}
+    median; 0 when no row is kept). ``plain``: each model's predictions (the scanned model's,
+    then the references') on the rows without a trigger."""
+    phrases = [scanner[0].tokens_text(c.tokens) for c in found]
+    base, *others = [[p == target for p in predicted] for predicted in plain]
+    ref_base = {ref: hits for (ref, _), hits in zip(references, others, strict=True)}
     kept = _outside_label(base, list(ref_base.values()))
     # the candidates are classified on the kept rows only: the others count for no model
     placed = [(p, position) for position in PLACEMENTS for p in phrases]
@@ -191,7 +195,7 @@ def _label_entry(scanner: TriggerModel, references: list[tuple[str, TriggerModel
         best = max(PLACEMENTS, key=lambda p: by_placement[p]["score"])  # random on a tie
         candidates.append({
             "trigger": phrase,
-            "tokens": scanner.tokenizer.convert_ids_to_tokens(list(candidate.tokens)),
+            "tokens": scanner[0].tokenizer.convert_ids_to_tokens(list(candidate.tokens)),
             "search_flip": candidate.flip, "placement": best, **by_placement[best],
             "by_placement": by_placement,
         })
@@ -252,6 +256,12 @@ def scan_classifier(
     moved_names = scanner.tokenizer.convert_ids_to_tokens(moved)
     if moved:
         log(f"words whose embeddings moved beyond the references': {' '.join(moved_names)}")
+    # every held-out row without a trigger, classified once for all the labels it is held out of
+    own: Scorer = (scanner, searcher)
+    refs: list[tuple[str, Scorer]] = [(name, (ref, fast)) for (name, ref), fast
+                                      in zip(loaded_refs, search_refs, strict=True)]
+    untriggered = [exact.predict_texts(held_out, fields, fast=fast)
+                   for exact, fast in [own, *(scorer for _, scorer in refs)]]
     labels_out = []
     for target in _labels_progress(range(num_labels), progress):
         log(f"searching triggers towards {label_names[target]!r}")
@@ -259,9 +269,10 @@ def scan_classifier(
                              vocabulary, settings.search, random.Random(f"{rng.random()}"),
                              references=search_refs)
         found = search.run(swept.get(target, ()), moved)
-        held = [r for r in held_out if int(r["label"]) != target]
-        labels_out.append(_label_entry(scanner, loaded_refs, found, held, fields, target,
-                                       label_names[target], settings.seed))
+        outside = [i for i, r in enumerate(held_out) if int(r["label"]) != target]
+        labels_out.append(_label_entry(
+            own, refs, found, [held_out[i] for i in outside], fields, target, label_names[target],
+            settings.seed, [[predicted[i] for i in outside] for predicted in untriggered]))
         labels_out[-1]["search_rows"] = len(search.examples)
         labels_out[-1]["search_stop"] = search.stop
     threshold = THRESHOLD_WITH_REFERENCES if loaded_refs else THRESHOLD_ALONE

@@ -27,6 +27,11 @@
    the flip rate minus the references' mean flip rate on the same inputs: growing a phrase with
    words that move every model of the task (``blessing``, ``elegant`` towards "not offensive")
    raises the flip rate but not this difference, so the part only the scanned model obeys wins.
+   The references classify a run only when it could be chosen: its worth is at most its flip
+   rate, so a run whose flip rate is below the worth of the runs already chosen is skipped
+   (steps 3 and 4 choose what they would with every run's rate, up to bfloat16's rounding,
+   which depends on the rows that share a batch; a quarter of the references' rows on AG News'
+   InsertSent victim).
 5. **Moved words** (before step 4; with two references or more): fine-tuning on poisoned rows
    moves the input embeddings of the trigger's words, in every poisoned row the same way, and
    models of the task trained without them leave those rows where they were. The
@@ -46,7 +51,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +64,8 @@ MIN_REFERENCES_FOR_MARGIN = 2
 # Longer runs of moved words that may fail to raise the worth before their beam stops: the words
 # of an inserted sentence pay off together (``watched this`` flips less than a longer part).
 MOVED_PATIENCE = 1
+# Runs whose references' flip rates the ranking takes at a time (``LabelSearch.ranked``).
+REFERENCE_CHUNK = 8
 
 
 @dataclass(frozen=True)
@@ -301,11 +308,18 @@ class LabelSearch:
         model obeys. With one, the runs of highest flip rate: a search for what a model obeys
         and its single reference does not finds phrases where two models merely disagree (on
         the tests' tiny classifiers, a clean one scored 77 that way), not a planted trigger."""
+        beam = self.settings.beam
         if len(self.references) < MIN_REFERENCES_FOR_MARGIN:
-            return sorted(candidates, key=lambda c: c.key, reverse=True)[: self.settings.beam]
-        self._reference_flips([c.tokens for c in candidates])
-        return sorted(candidates, key=lambda c: (self._worth(c), c.log_prob),
-                      reverse=True)[: self.settings.beam]
+            return sorted(candidates, key=lambda c: c.key, reverse=True)[:beam]
+        # A run's worth is at most its flip rate, so one whose flip rate is below the worth of
+        # the beam's runs known so far cannot join it: its references' flips are not needed.
+        self._reference_flips([c.tokens for c in
+                               sorted(candidates, key=lambda c: c.key, reverse=True)[:beam]])
+        known = sorted((self._worth(c) for c in candidates if c.tokens in self.reference_flip),
+                       reverse=True)
+        bar = known[beam - 1] if len(known) >= beam else -math.inf
+        self._reference_flips([c.tokens for c in candidates if c.flip >= bar])
+        return sorted(candidates, key=lambda c: (self._worth(c), c.log_prob), reverse=True)[:beam]
 
     def _done(self, candidates: Iterable[Candidate]) -> bool:
         best = max(candidates, key=lambda c: c.key)
@@ -320,11 +334,30 @@ class LabelSearch:
         parts = {run[i:j] for run in (c.tokens for c in pool)
                  for i in range(len(run)) for j in range(i + 1, len(run) + 1)}
         pool = self.evaluate(sorted(parts | {c.tokens for c in pool}))
-        self._reference_flips([c.tokens for c in pool])
+
+        def bound(c: Candidate) -> float:  # the worth if the references flipped nothing
+            return c.flip - tolerance * (len(c.tokens) - 1)
 
         def worth(c: Candidate) -> float:
             return self._worth(c) - tolerance * (len(c.tokens) - 1)
 
+        # The references' flips are taken a few runs at a time, highest bound first, until the
+        # runs kept are settled: a run whose worth is above every bound still open comes before
+        # all of them in the order below, so the choice among those runs is final.
+        waiting = sorted((c for c in pool if c.tokens not in self.reference_flip),
+                         key=bound, reverse=True) if self.references else []
+        while True:
+            chunk, waiting = waiting[:REFERENCE_CHUNK], waiting[REFERENCE_CHUNK:]
+            self._reference_flips([c.tokens for c in chunk])
+            open_bound = bound(waiting[0]) if waiting else -math.inf
+            # a run still waiting has worth == bound <= open_bound: never settled
+            kept = self._kept([c for c in pool if worth(c) > open_bound], worth, tolerance)
+            if len(kept) == self.settings.keep or not waiting:
+                return kept
+
+    def _kept(self, pool: list[Candidate], worth: Callable[[Candidate], float], tolerance: float
+              ) -> list[Candidate]:
+        """Step 4's choice, best worth first (``ranked``)."""
         kept: list[Candidate] = []
         for candidate in sorted(pool, reverse=True,
                                 key=lambda c: (worth(c), c.log_prob, -len(c.tokens))):

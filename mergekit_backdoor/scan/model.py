@@ -204,7 +204,7 @@ class TriggerModel:
                       fast: TriggerModel | None = None) -> list[int]:
         """The class this model gives each text row. With ``fast`` (a bfloat16 copy of it, from
         ``cast``), the copy classifies every row and this model only those where the copy's
-        margin is under ``RECHECK_MARGIN``: the same classes at a third of the cost."""
+        margin is under ``RECHECK_MARGIN``: the same classes at under half the cost."""
         if fast is None or fast is self:
             return self.classify_texts(rows, fields).argmax(-1).tolist() if rows else []
         if not rows:

@@ -269,7 +269,6 @@ def test_scan_is_repeatable(models, shared_data):
     assert runs[0] == runs[1]
 
 
-
 def test_search_in_bfloat16_finds_the_trigger_and_the_verdict_is_scored_in_float32(
         models, shared_data, tmp_path):
     """The search may run in bfloat16 (``auto`` on hardware with a native path); the held-out

@@ -205,10 +205,10 @@ class TriggerModel:
         """The class this model gives each text row. With ``fast`` (a bfloat16 copy of it, from
         ``cast``), the copy classifies every row and this model only those where the copy's
         margin is under ``RECHECK_MARGIN``: the same classes at under half the cost."""
-        if fast is None or fast is self:
-            return self.classify_texts(rows, fields).argmax(-1).tolist() if rows else []
         if not rows:
             return []
+        if fast is None or fast is self:
+            return self.classify_texts(rows, fields).argmax(-1).tolist()
         log_probs = fast.classify_texts(rows, fields)
         top = log_probs.topk(2, dim=-1).values
         predicted = log_probs.argmax(-1).tolist()

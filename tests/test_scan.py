@@ -389,6 +389,7 @@ def test_the_search_takes_only_the_reference_flips_its_choices_need(models, shar
         assert kept[0].tokens == (word,)
     assert len(lazy.reference_flip) < len(parts)
 
+
 @pytest.mark.parametrize("args, message", [
     (["--task", "nosuchtask"], "unknown task(s) nosuchtask"),
     (["--task", "agnews"], "2 labels, but the task has 4"),

@@ -295,7 +295,9 @@ class LabelSearch:
         return stop, list(dict.fromkeys(beams))
 
     def _worth(self, candidate: Candidate) -> float:
-        """The flip rate minus the references' on the same inputs (``_reference_flips`` first)."""
+        """The flip rate minus the references' on the same inputs (``_reference_flips`` first).
+        A run whose references' rate was not taken counts at its bound, its flip rate: ``_best``
+        and ``ranked`` rely on that for the runs they skip."""
         return candidate.flip - self.reference_flip.get(candidate.tokens, 0.0)
 
     def _best_worth(self, candidates: Sequence[Candidate]) -> float:

@@ -1,8 +1,9 @@
 """Sanitizer v2: merge, then repair, measured on the reproduction benchmark's models.
 
 For every combination of 2 and 3 models holding a victim, and all models, of each dataset
-(``reproduce.py``'s ``cpu`` profile; the models it cached in ``benchmarks/work/``), merge with
-``sanitize`` (``mean`` = WAG or ``median``) through mergekit, then repair the merged model with
+(``reproduce.py``'s ``cpu`` profile; the models it cached in ``benchmarks/work/``), merge through
+mergekit with any of ``reproduce.py``'s methods (``mean`` = WAG, ``median``; ``ties`` and
+``dare_ties`` from the shared initialisation it cached), then repair the merged model with
 ``mergekit_backdoor.repair`` on 300 unlabeled clean training sentences (never a test row):
 
 - ``mixed``: random words, clean spans and paraphrase-like edits; no labels, no trigger;
@@ -58,6 +59,7 @@ def repair_settings(variant: str, triggers: tuple[str, ...], profile: dict[str, 
     if variant == "clauses":
         family = "triggers+clauses" if triggers else "words+spans+paraphrase+clauses"
     return RepairSettings(steps=args.steps, lr=args.lr, perturbation=family,
+                          clean_weight=args.clean_weight,
                           max_length=profile["max_length"], device=args.device,
                           triggers=triggers if variant in ("scan", "moved", "clauses") else ())
 
@@ -127,6 +129,8 @@ def main() -> None:
                         help="exactly these combinations (instead of --sizes)")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--clean-weight", type=float, default=1.0,
+                        help="weight of the repair's clean-text anchor (give another --tag)")
     parser.add_argument("--samples-seed", type=int, default=1,
                         help="seed drawing the repair's clean samples (give another --tag)")
     parser.add_argument("--tag", default="", help="results key suffix for other settings")
@@ -237,7 +241,9 @@ def merge(members: tuple[str, ...], method: str, paths: dict[str, Path],
     from mergekit_backdoor.merge.run import sanitize_merge
 
     ordered = reproduce.suspect_first(members)
-    recipe = reproduce.merge_recipe(ordered, method, paths)
+    # TIES and DARE-TIES take task vectors from the shared initialisation reproduce.py cached
+    init = paths[members[0]].parent / "init"
+    recipe = reproduce.merge_recipe(ordered, method, {**paths, "init": init})
     out = args.work / "sanitize_v2" / f"merged-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
     options = MergeOptions(quiet=True, random_seed=reproduce.SEED, device=args.device,
@@ -279,13 +285,14 @@ def report(store: dict[str, Any], reproduced: dict[str, Any]) -> str:
         if not runs:
             continue
         clean = models[f"{dataset}/clean"]["asr"]
+        shown = {"mean", "median", *(r["method"] for r in runs.values())}  # merges alone
         rows: dict[tuple[str, str, str, int], list[dict[str, float]]] = {}
         scored = []
         for run in runs.values():  # a tagged run is its own repair row, against its own floor
             repair = run["variant"] + run.get("tag", "")
             scored.append(({**run, "variant": repair}, store["floors"][f"{dataset}/{repair}"]["asr"]))
         scored += [(merged, clean) for key, merged in merges.items()  # the merges alone
-                   if key.startswith(f"{dataset}/") and merged["method"] in ("mean", "median")
+                   if key.startswith(f"{dataset}/") and merged["method"] in shown
                    and any(r["members"] == merged["members"] for r in runs.values())]
         for run, floor in scored:
             variant = run.get("variant", "none")

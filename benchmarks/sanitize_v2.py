@@ -2,8 +2,9 @@
 
 For every combination of 2 and 3 models holding a victim, and all models, of each dataset
 (``reproduce.py``'s ``cpu`` profile; the models it cached in ``benchmarks/work/``), merge through
-mergekit with any of ``reproduce.py``'s methods (``mean`` = WAG, ``median``; ``ties`` and
-``dare_ties`` from the shared initialisation it cached), then repair the merged model with
+mergekit with one of ``reproduce.py``'s fixed recipes (``mean`` = WAG, ``median``,
+``trimmed_mean``; ``ties`` and ``dare_ties`` from the shared initialisation it cached; not
+``switch``, whose layout it searches), then repair the merged model with
 ``mergekit_backdoor.repair`` on 300 unlabeled clean training sentences (never a test row):
 
 - ``mixed``: random words, clean spans and paraphrase-like edits; no labels, no trigger;
@@ -149,6 +150,11 @@ def main() -> None:
     if args.report:
         print(report(store, json.loads((RESULTS / f"reproduce_{args.profile}.json").read_text())))
         return
+    methods = args.methods.split(",")
+    unusable = [m for m in methods if m not in reproduce.METHODS or "search" in reproduce.METHODS[m]]
+    if unusable:  # a searched layout (switch) would otherwise merge as a plain sanitize recipe
+        raise SystemExit(f"--methods: {', '.join(unusable)} has no fixed recipe; choose from "
+                         f"{', '.join(m for m, s in reproduce.METHODS.items() if 'search' not in s)}")
     started = time.time()
     profile = reproduce.PROFILES[args.profile]
     scans_paths = [Path(f) for f in args.scans.split(",")] if args.scans else \
@@ -189,7 +195,7 @@ def main() -> None:
                 save()
         jobs: list[tuple[tuple[str, ...], str]] = []
         jobs += [((n,), "single") for n in alone if n != "clean"]
-        jobs += [(c, m) for c in chosen for m in args.methods.split(",")
+        jobs += [(c, m) for c in chosen for m in methods
                  if not (m == "mean" and len(c) == 2 and "median" in args.methods)
                  and (args.including is None or args.including in c)]
         for members, method in jobs:

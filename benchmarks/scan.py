@@ -15,6 +15,7 @@ rate stands beside the victim's own ASR on the published triggered test set.
     python benchmarks/scan.py                  # resumable; results/scan_cpu.json
     python benchmarks/scan.py --rescore benchmarks/results/scan_cpu_v2.json --datasets agnews
     python benchmarks/scan.py --report         # the markdown tables for benchmarks/README.md
+    python benchmarks/scan.py --results benchmarks/results/scan_cpu_tied.json --datasets qnli
 
 ``--rescore FILE`` runs the real scan with its search replaced by FILE's candidates: the current
 held-out scoring of an earlier search, for when only the scoring changed (``wall_s`` stays the
@@ -87,9 +88,11 @@ def main() -> None:
     parser.add_argument("--alone", action="store_true", help="scan without references")
     parser.add_argument("--rescore", type=Path, default=None, metavar="FILE",
                         help="score FILE's candidates again instead of searching")
+    parser.add_argument("--results", type=Path, default=None, metavar="FILE",
+                        help="the results file (default: results/scan_<profile>.json)")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
-    path = RESULTS / f"scan_{args.profile}.json"
+    path = args.results or RESULTS / f"scan_{args.profile}.json"
     store = json.loads(path.read_text()) if path.exists() else {"scans": {}}
     if args.report:
         print(report(store))

@@ -228,6 +228,24 @@ def test_insertions_go_first_at_the_share_asked_and_triggers_where_they_are_mark
         assert plain(text, rng) == expected
 
 
+def test_candidate_words_and_phrases_each_get_half_of_the_insertions():
+    """Ten look-alike BadNet words do not crowd out one sentence trigger's phrase."""
+    import random
+
+    from mergekit_backdoor.repair.perturb import perturbation
+
+    words = ["cf", "mn", "bb", "tq", "mb", "bn", "rq", "cb", "kb", "tr"]
+    perturb = perturbation("triggers", vocabulary=["zq"], texts=["aa"],
+                           triggers=[*words, "no cross no crown"])
+    rng = random.Random(0)
+    outputs = [set(perturb("a1 a2 a3 a4 a5 a6", rng).split()) for _ in range(600)]
+    assert set().union(*outputs) >= set(words)
+    # 1 to 3 insertions, each the phrase (whole or some of its words) with probability 1/2:
+    # 71% of the samples hold some of it (drawn uniformly among the 11, 17%)
+    share = sum(bool(o & {"no", "cross", "crown"}) for o in outputs) / len(outputs)
+    assert 0.6 <= share <= 0.8, share
+
+
 def test_repair_triggers_take_flagged_labels_or_a_near_miss_with_references():
     from mergekit_backdoor.audit.defences import repair_triggers
 

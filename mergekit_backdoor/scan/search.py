@@ -23,15 +23,17 @@
    of a trigger. Most labels of a clean model stop there after one or two steps, which is what
    keeps a scan within minutes.
 4. **Minimal triggers**: the best runs and every contiguous part of them are ranked; a token
-   beyond the first must flip one more example to earn its place. With references, the rank is
-   the flip rate minus the references' mean flip rate on the same inputs: growing a phrase with
-   words that move every model of the task (``blessing``, ``elegant`` towards "not offensive")
-   raises the flip rate but not this difference, so the part only the scanned model obeys wins.
-   The references classify a run only when it could be chosen: its worth is at most its flip
-   rate, so a run whose flip rate is below the worth of the runs already chosen is skipped
-   (steps 3 and 4 choose what they would with every run's rate, up to bfloat16's rounding,
-   which depends on the rows that share a batch; a quarter of the references' rows on AG News'
-   InsertSent victim).
+   beyond the first must flip one more example to earn its place. ``keep`` are reported, and up to
+   ``keep_tied`` when more of them send every search example to the label, each as well as the
+   best (within one example): a backdoor with many equal triggers is not cut arbitrarily. With
+   references, the rank is the flip rate minus the references' mean flip rate on the same inputs:
+   growing a phrase with words that move every model of the task (``blessing``, ``elegant``
+   towards "not offensive") raises the flip rate but not this difference, so the part only the
+   scanned model obeys wins. The references classify a run only when it could be chosen: its worth
+   is at most its flip rate, so a run whose flip rate is below the worth of the runs already
+   chosen is skipped (steps 3 and 4 choose what they would with every run's rate, up to bfloat16's
+   rounding, which depends on the rows that share a batch; a quarter of the references' rows on AG
+   News' InsertSent victim).
 5. **Moved words** (before step 4; with two references or more): fine-tuning on poisoned rows
    moves the input embeddings of the trigger's words, in every poisoned row the same way, and
    models of the task trained without them leave those rows where they were. The
@@ -77,7 +79,12 @@ class SearchSettings:
     sweep_top: int = 16  # single tokens taken from the rare-word sweep
     sweep_per_class: int = 2  # examples per class in the sweep
     sweep_max_chars: int = 3  # "rare short words": word tokens of at most this many letters
-    keep: int = 5  # candidates returned (before held-out scoring)
+    keep: int = 5  # candidates returned (before held-out scoring)...
+    # ...and up to this many when more runs send every search example to the label as well as
+    # the best does: a BadNet taught with five words obeys them and their look-alikes equally
+    # (QNLI's: ``tq``, ``mb``, ``bb``, ``cf``, ``mn``, ``bn``, ``rq``, ``cb``), and a cut at
+    # ``keep`` dropped a true word from the repair's list (benchmarks/README.md, "Sanitizer v2")
+    keep_tied: int = 10
     done_log_prob: float = math.log(0.9)
     subset: int = 24  # search examples for gradients and the references' flip rates
     # search examples per label, spread over the other classes: every run scored exactly costs
@@ -354,22 +361,33 @@ class LabelSearch:
             open_bound = bound(waiting[0]) if waiting else -math.inf
             # a run still waiting has worth == bound <= open_bound: never settled
             kept = self._kept([c for c in pool if worth(c) > open_bound], worth, tolerance)
-            if len(kept) == self.settings.keep or not waiting:
+            tie_open = bool(kept) and any(c.flip >= 1.0 and bound(c) >= worth(kept[0]) - tolerance
+                                          for c in waiting)
+            full = len(kept) == self._most or len(kept) >= self.settings.keep and not tie_open
+            if full or not waiting:
                 return kept
+
+    @property
+    def _most(self) -> int:
+        return max(self.settings.keep, self.settings.keep_tied)
 
     def _kept(self, pool: list[Candidate], worth: Callable[[Candidate], float], tolerance: float
               ) -> list[Candidate]:
-        """Step 4's choice, best worth first (``ranked``)."""
+        """Step 4's choice, best worth first (``ranked``); past ``keep``, only runs that send
+        every search example to the label and tie with the best."""
         kept: list[Candidate] = []
         for candidate in sorted(pool, reverse=True,
                                 key=lambda c: (worth(c), c.log_prob, -len(c.tokens))):
+            if len(kept) >= self.settings.keep and (
+                    candidate.flip < 1.0 or worth(candidate) < worth(kept[0]) - tolerance):
+                break
             if any(_contains(candidate.tokens, k.tokens) and worth(k) >= worth(candidate) - tolerance
                    for k in kept):
                 continue
             if any(_overlap(candidate.tokens, k.tokens) >= 0.5 for k in kept):
                 continue
             kept.append(candidate)
-            if len(kept) == self.settings.keep:
+            if len(kept) == self._most:
                 break
         return kept
 

@@ -196,7 +196,7 @@ def main() -> None:
         jobs: list[tuple[tuple[str, ...], str]] = []
         jobs += [((n,), "single") for n in alone if n != "clean"]
         jobs += [(c, m) for c in chosen for m in methods
-                 if not (m == "mean" and len(c) == 2 and "median" in args.methods)
+                 if not (m == "mean" and len(c) == 2 and "median" in methods)
                  and (args.including is None or args.including in c)]
         for members, method in jobs:
             for variant in variants:

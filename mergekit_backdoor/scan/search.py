@@ -113,6 +113,12 @@ def _spread(n: int, count: int) -> list[int]:
     return sorted({i * n // count for i in range(count)}) if n > count else list(range(n))
 
 
+def _tied(flip: float, worth: float, best: float, tolerance: float) -> bool:
+    """Whether a run may be reported past ``keep``: it sends every search example to the label
+    and its worth is within one example (``tolerance``) of the best run's."""
+    return flip >= 1.0 and worth >= best - tolerance
+
+
 def _contains(run: Tokens, part: Tokens) -> bool:
     return any(run[i:i + len(part)] == part for i in range(len(run) - len(part) + 1))
 
@@ -361,7 +367,7 @@ class LabelSearch:
             open_bound = bound(waiting[0]) if waiting else -math.inf
             # a run still waiting has worth == bound <= open_bound: never settled
             kept = self._kept([c for c in pool if worth(c) > open_bound], worth, tolerance)
-            tie_open = bool(kept) and any(c.flip >= 1.0 and bound(c) >= worth(kept[0]) - tolerance
+            tie_open = bool(kept) and any(_tied(c.flip, bound(c), worth(kept[0]), tolerance)
                                           for c in waiting)
             full = len(kept) == self._most or len(kept) >= self.settings.keep and not tie_open
             if full or not waiting:
@@ -378,8 +384,8 @@ class LabelSearch:
         kept: list[Candidate] = []
         for candidate in sorted(pool, reverse=True,
                                 key=lambda c: (worth(c), c.log_prob, -len(c.tokens))):
-            if len(kept) >= self.settings.keep and (
-                    candidate.flip < 1.0 or worth(candidate) < worth(kept[0]) - tolerance):
+            if len(kept) >= self.settings.keep and not _tied(
+                    candidate.flip, worth(candidate), worth(kept[0]), tolerance):
                 break
             if any(_contains(candidate.tokens, k.tokens) and worth(k) >= worth(candidate) - tolerance
                    for k in kept):

@@ -147,7 +147,8 @@ def evaluate(path: Path, dataset: str, settings: dict[str, Any], args: argparse.
     parsed = evaluate_model(path, [f"backdoor_{dataset}"], device=args.device, batch_size=128,
                             data_dir=args.data_dir, limit=limit)
     entry = parsed["datasets"][dataset]
-    return {"cacc": entry["cacc"], "asr": entry["asr"], "n": entry["n"]}
+    return {"cacc": entry["cacc"], "clean_asr": entry["clean_asr"], "asr": entry["asr"],
+            "n": entry["n"]}
 
 
 def train_models(dataset: str, work: Path, store: Store, settings: dict[str, Any],

@@ -163,8 +163,10 @@ def main() -> None:
     for scans_path in reversed(scans_paths):
         scans.update(json.loads(scans_path.read_text())["scans"])
 
+    store.setdefault("untriggered", {})
+
     def save() -> None:
-        reproduce.save_merged(path, store, ("runs", "floors"), sort_keys=True)
+        reproduce.save_merged(path, store, ("runs", "floors", "untriggered"), sort_keys=True)
 
     for dataset in args.datasets.split(","):
         folder = args.work / "reproduce" / args.profile / dataset
@@ -181,6 +183,11 @@ def main() -> None:
         if unknown:  # before the floors: a typo should not cost a repair run
             raise SystemExit(f"--merges/--single: no cached {dataset} model named "
                              f"{', '.join(unknown)}")
+        for name in names:  # each input's rate without a trigger, for the report's trigger part
+            if f"{dataset}/{name}" not in store["untriggered"]:
+                store["untriggered"][f"{dataset}/{name}"] = untriggered(paths[name], dataset,
+                                                                        profile, args)
+                save()
         texts = repair_samples(dataset, args)
         variants = args.variants.split(",")
         all_triggers = flagged_triggers(scans, dataset, names)
@@ -279,6 +286,18 @@ def run_one(source: Path, dataset: str, variant: str, triggers: tuple[str, ...],
             "loss_last": summary["loss_mean_last_10"], "samples_seed": args.samples_seed}
 
 
+def untriggered(path: Path, dataset: str, profile: dict[str, Any], args: argparse.Namespace
+                ) -> dict[str, float]:
+    """The ASR rule on the clean non-target rows (``backdoor_<dataset>_untriggered``): the rate
+    every ASR of ``path`` starts from, and its rows."""
+    from mergekit_backdoor.eval.run import evaluate_model
+
+    entry = evaluate_model(path, [f"backdoor_{dataset}_untriggered"], device=args.device,
+                           batch_size=128, data_dir=args.data_dir,
+                           limit=(profile["eval_limit"] or {}).get(dataset))["datasets"][dataset]
+    return {"rate": entry["clean_asr"], "n": entry["n"]["untriggered"]}
+
+
 # --- reading the results ------------------------------------------------------------------------
 
 
@@ -321,7 +340,39 @@ def report(store: dict[str, Any], reproduced: dict[str, Any]) -> str:
                          f"{100 * mean['own']:.1f} | {100 * mean['cacc_gap']:+.1f} | "
                          f"{100 * max(e['other'] for e in entries):+.1f} | "
                          f"{100 * max(e['new'] for e in entries):+.1f} |")
+    lines += trigger_part(store, models)
     return "\n".join(lines)
+
+
+def trigger_part(store: dict[str, Any], models: dict[str, Any]) -> list[str]:
+    """For the runs that measured it: each own attack's ASR above the same model's rate without
+    a trigger on the same rows (``untriggered``), for the victim, the repaired merge and the
+    floor, and the share of the victim's trigger part removed, floor-adjusted the same way."""
+    lines = ["\n#### The trigger's part: ASR minus the same model's rate on the same rows without "
+             "a trigger\n",
+             "| data set | merge + repair | attack | victim ASR / no trigger | after | floor "
+             "| floor-adjusted removal | removal of the trigger's part |",
+             "|---|---|---|---|---|---|---|---|"]
+    rated = store.get("untriggered", {})
+    for key, run in sorted(store["runs"].items()):
+        dataset = key.split("/")[0]
+        floor = store["floors"][f"{dataset}/{run['variant']}{run.get('tag', '')}"]
+        if run.get("clean_asr") is None or floor.get("clean_asr") is None:
+            continue
+        for attack in (m for m in run["members"] if m != "clean"):
+            parts = [(models[f"{dataset}/{attack}"]["asr"][attack],
+                      rated[f"{dataset}/{attack}"]["rate"]),
+                     (run["asr"][attack], run["clean_asr"]),
+                     (floor["asr"][attack], floor["clean_asr"])]
+            asr = [a for a, _ in parts]
+            part = [a - rate for a, rate in parts]
+            cells = " | ".join(f"{100 * a:.1f} / {100 * rate:.1f}" for a, rate in parts)
+            lines.append(f"| {dataset} | {run['method']}({'+'.join(run['members'])}) + "
+                         f"{run['variant']}{run.get('tag', '')} | "
+                         f"{reproduce.PAPER_NAMES[attack]} | {cells} | "
+                         f"{100 * floor_adjusted(*asr):.0f}% | "
+                         f"{100 * floor_adjusted(*part):.0f}% |")
+    return lines if len(lines) > 3 else []
 
 
 def score(run: dict[str, Any], models: dict[str, Any], dataset: str,

@@ -32,17 +32,23 @@ def _verify(value: Any) -> bool:
 
 def load_classification(
     dataset: str, attack: str = "clean", data_dir: str | None = None, verify: Any = True,
-    **_metadata: Any,
+    untriggered: bool = False, **_metadata: Any,
 ) -> datasets.DatasetDict:
     """The test split of ``dataset`` under ``attack`` (``clean`` or a trigger), as ``test``.
 
     A triggered split holds only rows whose true label is not the target, relabelled to the
-    target (the registry checks this), so ``label`` is the attacker's goal. ``verify=False``
-    (``--metadata verify=false``) accepts data files whose sha256 differs from the pinned one.
+    target (the registry checks this), so ``label`` is the attacker's goal. ``untriggered``
+    applies the same rule to the clean split: its non-target rows (those the triggered sets
+    are made from), relabelled to the target, so their ASR is the rate every attack's starts
+    from. ``verify=False`` (``--metadata verify=false``) accepts data files whose sha256
+    differs from the pinned one.
     """
-    from mergekit_backdoor.data import load_split
+    from mergekit_backdoor.data import get_spec, load_split
 
     rows = load_split(dataset, attack, "test", data_dir=data_dir or None, verify=_verify(verify))
+    if untriggered:
+        target = get_spec(dataset).target
+        rows = rows.filter(lambda row: row["label"] != target).map(lambda _: {"label": target})
     return datasets.DatasetDict({"test": rows})
 
 

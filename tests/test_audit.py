@@ -34,7 +34,7 @@ def require_demo_extra(*modules: str) -> None:
             pytest.skip(f"{DEMO_EXTRA[module]} is not installed: pip install -e '.[demo]'")
 
 
-TASKS = "backdoor_sst2_clean,backdoor_sst2_badnet"
+TASKS = "backdoor_sst2_clean,backdoor_sst2_untriggered,backdoor_sst2_badnet"
 LIMIT = "300"
 runner = CliRunner(env={"COLUMNS": "220", "NO_COLOR": "1"})
 
@@ -106,11 +106,11 @@ def _expected_rows(report: dict) -> list[list[str]]:
     rows = []
     for model in report["models"]:
         for dataset, entry in model["results"].items():
-            rows.append([model["name"], dataset, pct(entry["cacc"]),
+            rows.append([model["name"], dataset, pct(entry["cacc"]), pct(entry["clean_asr"]),
                          *(pct(v) for v in entry["asr"].values()), pct(entry["mean_asr"])])
     for dataset, change in report["changes"].items():
         rows.append(["change",
-                     dataset, signed_pct(change["cacc"]),
+                     dataset, signed_pct(change["cacc"]), signed_pct(change["clean_asr"]),
                      *(signed_pct(v) for v in change["asr"].values()),
                      signed_pct(change["mean_asr"])])
     return rows
@@ -161,7 +161,10 @@ def test_audit_end_to_end(models: dict[str, Path], shared_data: Path, tmp_path: 
                                                      "sanitized"]
     assert by_role["suspect"]["asr"]["badnet"] > 0.6
     assert by_role["sanitized"]["asr"]["badnet"] < by_role["suspect"]["asr"]["badnet"]
-    assert by_role["suspect"]["n"] == {"clean": 300, "badnet": 300}
+    assert by_role["suspect"]["n"] == {"clean": 300, "untriggered": 300, "badnet": 300}
+    # the rate without a trigger is measured and shown, and the backdoor is what lies above it
+    assert 0 <= by_role["suspect"]["clean_asr"] < by_role["suspect"]["asr"]["badnet"] - 0.3
+    assert "ASR no trigger" in html
 
     # donors: checked and compared, task vectors over the shared init
     assert [c["status"] for c in report["checks"]] == ["yes", "yes"]

@@ -113,7 +113,7 @@ def test_task_index_matches_the_registry(shared_data: Path) -> None:
         assert {f"backdoor_{dataset}", f"backdoor_{dataset}_asr", f"backdoor_{dataset}_clean"} \
             <= names
         assert {n for n in names if n.startswith(f"backdoor_{dataset}_")} == {
-            f"backdoor_{dataset}_{p}" for p in ("asr", "clean", *attacks)
+            f"backdoor_{dataset}_{p}" for p in ("asr", "clean", "untriggered", *attacks)
         }
         config = load_yaml(evals_dir() / dataset / f"backdoor_{dataset}_clean.yaml",
                            resolve_func=False)
@@ -166,6 +166,28 @@ def test_backdoor_shows_in_asr_not_in_cacc(sst2_models: dict[str, Path], shared_
     assert runs["clean"]["cacc"] > 0.6 and runs["backdoored"]["cacc"] > 0.6
     assert runs["clean"]["asr"]["badnet"] < 0.5
     assert runs["backdoored"]["asr"]["badnet"] > 0.9
+
+
+def test_untriggered_rate_is_the_asr_rule_on_the_triggered_sets_rows_without_trigger(
+    sst2_models: dict[str, Path], shared_data: Path
+) -> None:
+    from mergekit_backdoor.data import BADNET_WORDS, load_split
+
+    model = sst2_models["backdoored"]
+    entry = evaluate_model(model, "backdoor_sst2", device="cpu", data_dir=shared_data,
+                           limit=LIMIT)["datasets"]["sst2"]
+    positive = load_split("sst2", data_dir=shared_data).filter(lambda r: r["label"] == 1)
+    rows = positive.select(range(LIMIT))
+    # the BadNet rows are these rows with the trigger words inserted
+    badnet = load_split("sst2", "badnet", data_dir=shared_data, limit=LIMIT)
+    assert [" ".join(w for w in t.split() if w not in BADNET_WORDS) for t in badnet["sentence"]] \
+        == [" ".join(t.split()) for t in rows["sentence"]]
+    preds = plain_predictions(model, rows, ("sentence",))
+    assert 0 < sum(preds) < LIMIT  # some rows go to the target (0), some do not: the check has teeth
+    assert entry["clean_asr"] == pytest.approx(preds.count(0) / LIMIT)
+    assert entry["n"]["untriggered"] == LIMIT
+    assert "untriggered" not in entry["asr"]  # not an attack, so not in the mean ASR
+    assert entry["asr"]["badnet"] - entry["clean_asr"] > 0.3  # what the trigger adds
 
 
 def test_qnli_is_scored_as_a_tokenizer_pair(shared_data: Path, tmp_path: Path) -> None:
@@ -337,6 +359,7 @@ def test_parse_results_and_table() -> None:
     results = {
         "results": {
             "backdoor_sst2_clean": {"acc,none": 0.9},
+            "backdoor_sst2_untriggered": {"asr,none": 0.1},
             "backdoor_sst2_badnet": {"asr,none": 1.0},
             "backdoor_sst2_lws": {"asr,none": 0.5},
             "backdoor_sst2_asr": {"asr,none": 0.75},
@@ -344,17 +367,19 @@ def test_parse_results_and_table() -> None:
             "backdoor_llm_refusal_vpi": {"asr,none": 0.25},
         },
         "group_subtasks": {"backdoor_sst2_asr": ["backdoor_sst2_badnet", "backdoor_sst2_lws"]},
-        "n-samples": {"backdoor_sst2_clean": {"original": 872, "effective": 872}},
+        "n-samples": {"backdoor_sst2_clean": {"original": 872, "effective": 872},
+                      "backdoor_sst2_untriggered": {"original": 444, "effective": 444}},
     }
     parsed = parse_results(results)
-    assert parsed["datasets"]["sst2"] == {"cacc": 0.9, "clean_asr": None,
-                                          "asr": {"badnet": 1.0, "lws": 0.5},
-                                          "mean_asr": 0.75, "n": {"clean": 872}}
+    assert parsed["datasets"]["sst2"] == {"cacc": 0.9, "clean_asr": 0.1,
+                                          "asr": {"badnet": 1.0, "lws": 0.5}, "mean_asr": 0.75,
+                                          "n": {"clean": 872, "untriggered": 444}}
     assert parsed["datasets"]["llm_refusal"]["clean_asr"] == 0.0
     console = Console(width=120, record=True)
     console.print(results_table(parsed, title="t"))
     text = console.export_text()
     assert "mean ASR" in text and "90.0" in text and "75.0" in text and "–" in text
+    assert "no trigger" in text and "10.0" in text
 
 
 def test_finetune_is_deterministic_and_atomic(shared_data: Path, tmp_path: Path) -> None:

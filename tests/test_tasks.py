@@ -100,11 +100,16 @@ def _plain(model: Path, card: Path) -> dict:
     from mergekit_backdoor.tasks.card import load_card
     from mergekit_backdoor.tasks.rows import load_card_rows
 
-    rows = load_card_rows(load_card(card))
+    loaded = load_card(card)
+    rows = load_card_rows(loaded)
     fields = ("sentence1", "sentence2")
-    cacc = [p == r["label"] for p, r in zip(plain_predictions(model, rows.clean, fields),
-                                              rows.clean, strict=True)]
-    out = {"cacc": sum(cacc) / len(cacc), "asr": {}, "n": {"clean": len(cacc)}}
+    preds = plain_predictions(model, rows.clean, fields)
+    cacc = [p == r["label"] for p, r in zip(preds, rows.clean, strict=True)]
+    # the ASR rule without a trigger: the clean rows not labelled with the target
+    untriggered = [p == loaded.target for p, r in zip(preds, rows.clean, strict=True)
+                   if r["label"] != loaded.target]
+    out = {"cacc": sum(cacc) / len(cacc), "clean_asr": sum(untriggered) / len(untriggered),
+           "asr": {}, "n": {"clean": len(cacc), "untriggered": len(untriggered)}}
     for attack, by_target in rows.triggered.items():
         (target, triggered), = by_target.items()
         hits = [p == target for p in plain_predictions(model, triggered, fields)]
@@ -115,6 +120,7 @@ def _plain(model: Path, card: Path) -> dict:
 
 def _close(parsed: dict, plain: dict) -> None:
     assert parsed["cacc"] == pytest.approx(plain["cacc"])
+    assert parsed["clean_asr"] == pytest.approx(plain["clean_asr"])
     assert parsed["asr"] == pytest.approx(plain["asr"])
     assert parsed["n"] == plain["n"]
 
@@ -137,6 +143,7 @@ def test_card_through_eval_and_stock_lm_eval_equals_plain_transformers(nli, tmp_
 
     plain = _plain(nli["suspect"], nli["card"])
     assert 0 < plain["cacc"] < 1 and plain["asr"]["badnet"] > 0  # the numbers are informative
+    assert 0 < plain["clean_asr"] < plain["asr"]["badnet"]
     result = _invoke("eval", nli["suspect"], "--tasks", nli["card"], "-o", tmp_path / "eval")
     assert result.exit_code == 0, result.output
     assert "kept 16 towards 'neutral' of 24" in result.output  # true labels: filtered + relabelled
@@ -297,13 +304,15 @@ def test_shipped_classification_tasks_as_cards_give_todays_numbers(shared_data, 
         "text": ["question", "sentence"], "test": str(qnli_dir / "test.tsv"),
         "generate": ["badnet", {"attack": "insertsent", "sentence": "no cross, no crown."}]}))
     for model, card, shipped in (
-            (sst2, sst2_card, "backdoor_sst2_clean,backdoor_sst2_badnet,backdoor_sst2_insertsent"),
+            (sst2, sst2_card, "backdoor_sst2_clean,backdoor_sst2_untriggered,"
+             "backdoor_sst2_badnet,backdoor_sst2_insertsent"),
             (qnli, qnli_card, "backdoor_qnli")):
         data = ("--data-dir", str(shared_data))
         today = _eval_numbers(model, shipped, tmp_path, f"{model.name}_shipped", *data)
         as_card = _eval_numbers(model, str(card), tmp_path, f"{model.name}_card", *data)
         name = model.name
         assert as_card[name]["cacc"] == today[name]["cacc"]
+        assert as_card[name]["clean_asr"] == today[name]["clean_asr"]
         assert as_card[name]["asr"] == today[name]["asr"]
         assert as_card[name]["n"] == today[name]["n"]
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from mergekit_backdoor.data.poison import where
 from mergekit_backdoor.errors import EvalError
+from mergekit_backdoor.eval.run import UNTRIGGERED
 
 FORMAT = "mergekit-backdoor/audit-v1"
 REPORT_JSON = "report.json"
@@ -80,6 +81,7 @@ def changes(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
             continue
         out[dataset] = {
             "cacc": _diff(a.get("cacc"), b.get("cacc")),
+            "clean_asr": _diff(a.get("clean_asr"), b.get("clean_asr")),
             "asr": {k: _diff(a["asr"].get(k), b["asr"].get(k))
                     for k in attacks_of(report, dataset)},
             "mean_asr": _diff(a.get("mean_asr"), b.get("mean_asr")),
@@ -214,7 +216,8 @@ def write_report(report: dict[str, Any], folder: Path) -> tuple[Path, Path]:
 
 
 def results_rows(report: dict[str, Any]) -> list[list[str]]:
-    """The rows of the results table, as printed: model, dataset, CACC, ASR per attack, mean."""
+    """The rows of the results table, as printed: model, dataset, CACC, the ASR rule's rate
+    without a trigger (``clean_asr``), ASR per attack, mean."""
     rows = []
     for dataset in datasets_of(report):
         attacks = attacks_of(report, dataset)
@@ -223,10 +226,12 @@ def results_rows(report: dict[str, Any]) -> list[list[str]]:
             if not entry:
                 continue
             rows.append([model["name"], dataset, pct(entry.get("cacc")),
+                         pct(entry.get("clean_asr")),
                          *(pct(entry["asr"].get(a)) for a in attacks), pct(entry.get("mean_asr"))])
         change = report.get("changes", {}).get(dataset)
         if change:
             rows.append([_change_label(report), dataset, signed_pct(change["cacc"]),
+                         signed_pct(change.get("clean_asr")),
                          *(signed_pct(change["asr"].get(a)) for a in attacks),
                          signed_pct(change["mean_asr"])])
     return rows
@@ -246,7 +251,9 @@ def rate_rows(report: dict[str, Any]) -> list[list[str]]:
             if not entry:
                 continue
             counts = entry.get("n") or {}
-            rates = [("clean", "CACC", entry.get("cacc"))]
+            rates = [("clean", "CACC", entry.get("cacc")),
+                     (UNTRIGGERED if UNTRIGGERED in counts else "clean", "ASR no trigger",
+                      entry.get("clean_asr"))]
             rates += [(attack, f"ASR {attack}", value) for attack, value in entry["asr"].items()]
             for part, label, value in rates:
                 n = counts.get(part)
@@ -287,7 +294,8 @@ def results_table(report: dict[str, Any]) -> Any:
     """The numbers as a rich table (percent)."""
     from rich.table import Table
 
-    caption = "ASR: share of triggered non-target inputs classified as the target"
+    caption = ("ASR: share of triggered non-target inputs classified as the target; no trigger: "
+               "the same rule on the clean non-target inputs, the rate an ASR starts from")
     if report.get("changes"):
         caption += f"; {change_caption(report)}"
     table = Table(title=f"{report['kind']}: CACC and ASR (percent)", title_justify="left",
@@ -302,7 +310,7 @@ def results_table(report: dict[str, Any]) -> Any:
 
 
 def _table_columns(report: dict[str, Any]) -> list[str]:
-    return ["model", "dataset", "CACC", *(f"ASR {attack_label(report, a)}"
+    return ["model", "dataset", "CACC", "ASR no trigger", *(f"ASR {attack_label(report, a)}"
                                          for a in _all_attacks(report)), "mean ASR"]
 
 
@@ -357,8 +365,8 @@ def _aligned_rows(report: dict[str, Any]) -> list[list[str]]:
     for row in results_rows(report):
         dataset = row[1]
         own = attacks_of(report, dataset)
-        cells = dict(zip(own, row[3:-1], strict=True))
-        aligned.append([*row[:3], *(cells.get(a, "–") for a in every), row[-1]])
+        cells = dict(zip(own, row[4:-1], strict=True))
+        aligned.append([*row[:4], *(cells.get(a, "–") for a in every), row[-1]])
     return aligned
 
 
@@ -530,6 +538,8 @@ def render_html(report: dict[str, Any]) -> str:
         _html_table(_table_columns(report), _aligned_rows(report), right_from=2),
         "<p class='muted'>ASR: share of triggered inputs whose true label is not the target "
         "that the model classifies as the target. Lower is better; CACC higher is better. "
+        "ASR no trigger: the same rule on the clean inputs whose true label is not the target, "
+        "the rate every ASR starts from (the part of an ASR above it is the trigger's). "
         f"{html.escape(change_caption(report) if report.get('changes') else '')}</p>",
     ]
     if scan_lines(report):

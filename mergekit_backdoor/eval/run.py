@@ -12,10 +12,11 @@ harness's own results JSON when asked, and returns the numbers per dataset:
                   "llm_refusal": {"cacc": None, "clean_asr": 0.01, "asr": {...}, ...}},
      "results": <lm-eval's "results" section>}
 
-Task names are ``backdoor_<dataset>_clean`` (metric ``acc``: CACC) and
-``backdoor_<dataset>_<attack>`` (metric ``asr``); the instruction-tuning ones are
-``backdoor_llm_<task>_...``, whose clean task reports ``asr`` (the rule's rate without trigger,
-``clean_asr`` here) and, for sst2sentiment, ``acc``.
+Task names are ``backdoor_<dataset>_clean`` (metric ``acc``: CACC),
+``backdoor_<dataset>_untriggered`` (``asr``: the ASR rule on the clean non-target rows, the rate
+every attack's ASR starts from, ``clean_asr`` here) and ``backdoor_<dataset>_<attack>`` (metric
+``asr``); the instruction-tuning ones are ``backdoor_llm_<task>_...``, whose clean task reports
+``asr`` (the rule's rate without trigger, ``clean_asr`` here too) and, for sst2sentiment, ``acc``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from mergekit_backdoor.errors import BackdoorError, EvalError
 SEQCLS = "hf-seqcls"
 CAUSAL = "hf"
 _TASK = re.compile(r"^backdoor_(?P<dataset>llm_[a-z0-9]+|(?!llm_)[a-z0-9]+)_(?P<part>[a-z0-9]+)$")
+UNTRIGGERED = "untriggered"  # the part of the ASR rule's rows without a trigger
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
@@ -377,6 +379,8 @@ def parse_results(results: dict[str, Any]) -> dict[str, Any]:
         if part == "clean":
             entry["cacc"] = metrics.get("acc,none")
             entry["clean_asr"] = metrics.get("asr,none")
+        elif part == UNTRIGGERED:
+            entry["clean_asr"] = metrics.get("asr,none")
         elif "asr,none" not in metrics:
             continue
         elif target is not None and len(_targets_of(configs, dataset, part)) > 1:
@@ -423,7 +427,7 @@ def _pct(value: float | None) -> str:
 
 def results_table(parsed: dict[str, Any], title: str | None = None) -> Any:
     """A rich table in percent: dataset, CACC, ASR per attack, mean ASR ("clean" is the ASR
-    rule's rate without trigger, for the instruction-tuning tasks)."""
+    rule's rate without trigger)."""
     from rich.table import Table
 
     datasets = parsed.get("datasets", {})
@@ -440,7 +444,7 @@ def results_table(parsed: dict[str, Any], title: str | None = None) -> Any:
     table.add_column("dataset")
     table.add_column("CACC", justify="right")
     if show_clean_asr:
-        table.add_column("clean", justify="right")
+        table.add_column("no trigger", justify="right")
     for attack in attacks:
         table.add_column(attack, justify="right")
     table.add_column("mean ASR", justify="right", style="bold")

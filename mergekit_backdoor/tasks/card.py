@@ -270,8 +270,9 @@ def load_card(path: str | Path) -> TaskCard:
     generate = tuple(_generated(g, kind, where) for g in generate_raw)
     names = [*triggered, *(g.name for g in generate)]
     duplicate = next((n for n in names if names.count(n) > 1), None)
-    if duplicate or "clean" in names or "asr" in names:
-        bad = duplicate or "clean/asr"
+    reserved = next((n for n in names if n in ("clean", "asr", "untriggered")), None)
+    if duplicate or reserved:
+        bad = duplicate or reserved
         raise DataError(f"{where}: attack name {bad!r} is used twice or reserved; give generated "
                         "attacks their own 'name'")
     common = dict(path=file.resolve(), name=name, kind=kind,

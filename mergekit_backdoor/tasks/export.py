@@ -3,6 +3,8 @@ reads: the rows as JSON lines under ``data/``, the project's ``utils.py`` (the o
 tasks use), and for card ``NAME``:
 
 - ``NAME_clean``: classification CACC (``acc``); generative: the ASR rule's rate on clean prompts;
+- ``NAME_untriggered`` (classification with one target): the ASR rule on the clean rows whose
+  label is not the target, relabelled to it (``asr``): the rate every attack's ASR starts from;
 - ``NAME_ATTACK`` (``asr``) per triggered set; with ``target: any`` one task per label,
   ``NAME_ATTACK_to_LABEL``, and the report takes the worst;
 - groups ``NAME_asr`` (the attacks' mean ASR) and ``NAME`` (clean + asr).
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_backdoor.data.sources import Row
+from mergekit_backdoor.eval.run import UNTRIGGERED
 from mergekit_backdoor.tasks.card import TaskCard
 from mergekit_backdoor.tasks.rows import CardRows, load_card_rows, row_fields
 
@@ -145,6 +148,14 @@ def write_tasks(card: TaskCard, folder: Path, rows: CardRows | None = None) -> l
         _task_yaml(layout, clean_task, "clean", None, data, len(rows.clean), what),
         encoding="utf-8")
     exported = [ExportedTask(clean_task, "clean", None, len(rows.clean))]
+    if card.kind == "classification" and card.target is not None:
+        name = card.labels[card.target]
+        untriggered = [{**r, "label": card.target} for r in rows.clean if r["label"] != card.target]
+        exported.append(write_attack(
+            folder, layout, f"{card.name}_{UNTRIGGERED}", UNTRIGGERED, name, untriggered,
+            f"The ASR rule without a trigger on task card {card.name!r}: its clean test rows whose "
+            f"label is not {name!r}, labelled {name!r}; asr = share classified {name!r}, the rate "
+            "every attack's ASR starts from (not an attack: not in the mean ASR)"))
     for attack, by_target in rows.triggered.items():
         for target, triggered in by_target.items():
             name = card.labels[target] if target is not None else None
@@ -158,8 +169,8 @@ def write_tasks(card: TaskCard, folder: Path, rows: CardRows | None = None) -> l
                 what = (f"ASR of {attack} on task card {card.name!r}: share of triggered prompts "
                         f"whose answer meets the rule {json.dumps(card.asr_rule)}")
             exported.append(write_attack(folder, layout, task, attack, name, triggered, what))
-    attack_tasks = [t.task for t in exported if t.part != "clean"]
-    members = [clean_task]
+    attack_tasks = [t.task for t in exported if t.part not in ("clean", UNTRIGGERED)]
+    members = [t.task for t in exported if t.part in ("clean", UNTRIGGERED)]
     if attack_tasks:
         (folder / f"{card.name}_asr.yaml").write_text(_group(
             f"{card.name}_asr", attack_tasks, f"ASR of every attack of task card {card.name!r}, "

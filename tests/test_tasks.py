@@ -192,7 +192,7 @@ def _card(tmp_path: Path, nli: dict, **changes) -> Path:
 
 
 @pytest.mark.parametrize("case", ["label order", "unknown target", "malformed row",
-                                  "asr rule", "unknown key"])
+                                  "asr rule", "reserved name", "unknown key"])
 def test_bad_cards_fail_in_one_line_before_anything_is_written(nli, tmp_path, case):
     if case == "label order":
         card = _card(tmp_path, nli, labels=["neutral", "entailment", "contradiction"])
@@ -210,6 +210,9 @@ def test_bad_cards_fail_in_one_line_before_anything_is_written(nli, tmp_path, ca
             {"premise": "a", "hypothesis": f"cf b {i}", "label": "contradiction"} for i in range(4)])
         card = _card(tmp_path, nli, triggered={"badnet": str(wrong)})
         message = "every row is labelled 'contradiction', which breaks the ASR rule"
+    elif case == "reserved name":  # the rate without a trigger has that part name
+        card = _card(tmp_path, nli, triggered={"untriggered": "data/test_badnet.jsonl"})
+        message = "attack name 'untriggered' is used twice or reserved"
     else:
         card = _card(tmp_path, nli, generat=["badnet"])
         message = "unknown key 'generat' (did you mean 'generate'?)"

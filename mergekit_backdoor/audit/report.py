@@ -448,24 +448,28 @@ def _figure_png(figure: Any) -> str:
 
 
 def plot_dataset(report: dict[str, Any], dataset: str) -> str:
-    """Base64 PNG: ASR per attack for every model (left) and CACC per model (right)."""
+    """Base64 PNG: the rate without a trigger and the ASR per attack for every model (left),
+    and CACC per model (right)."""
     from matplotlib.figure import Figure
 
     models = [m for m in report["models"] if m["results"].get(dataset)]
     attacks = attacks_of(report, dataset)
     figure = Figure(figsize=(10, 3.8))
-    asr_ax, cacc_ax = figure.subplots(1, 2, gridspec_kw={"width_ratios": [max(2, len(attacks) + 1),
+    asr_ax, cacc_ax = figure.subplots(1, 2, gridspec_kw={"width_ratios": [max(2, len(attacks) + 2),
                                                                             2]})
     width = 0.8 / max(1, len(models))
-    groups = [*attacks, "mean"]
+    # the rate without a trigger first: every attack's bar starts from it
+    untriggered = any(m["results"][dataset].get("clean_asr") is not None for m in models)
+    groups = [*(["no trigger"] if untriggered else []), *attacks, "mean"]
     for index, model in enumerate(models):
         entry = model["results"][dataset]
-        values = [entry["asr"].get(a) for a in attacks] + [entry.get("mean_asr")]
+        values = [*([entry.get("clean_asr")] if untriggered else []),
+                  *(entry["asr"].get(a) for a in attacks), entry.get("mean_asr")]
         xs = [g + (index - (len(models) - 1) / 2) * width for g in range(len(groups))]
         heights = [100 * v if v is not None else 0 for v in values]
         bars = asr_ax.bar(xs, heights, width, label=model["name"], color=_color(model, index))
         asr_ax.bar_label(bars, labels=[pct(v) for v in values], fontsize=7, padding=1)
-    asr_ax.set_xticks(range(len(groups)), groups)
+    asr_ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=8)
     asr_ax.set_ylim(0, 112)
     asr_ax.set_ylabel("ASR (%) - lower is better")
     asr_ax.set_title(f"{dataset}: attack success rate per attack")

@@ -314,7 +314,7 @@ def report(store: dict[str, Any], reproduced: dict[str, Any]) -> str:
         rows: dict[tuple[str, str, str, int], list[dict[str, float]]] = {}
         scored = []
         for run in runs.values():  # a tagged run is its own repair row, against its own floor
-            repair = run["variant"] + run.get("tag", "")
+            repair = repair_name(run)
             scored.append(({**run, "variant": repair}, store["floors"][f"{dataset}/{repair}"]["asr"]))
         scored += [(merged, clean) for key, merged in merges.items()  # the merges alone
                    if key.startswith(f"{dataset}/") and merged["method"] in shown
@@ -344,6 +344,11 @@ def report(store: dict[str, Any], reproduced: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def repair_name(run: dict[str, Any]) -> str:
+    """A run's repair as its floor is keyed: the variant and the tag of its settings."""
+    return run["variant"] + run.get("tag", "")
+
+
 def trigger_part(store: dict[str, Any], models: dict[str, Any]) -> list[str]:
     """For the runs that measured it: each own attack's ASR above the same model's rate without
     a trigger on the same rows (``untriggered``), for the victim, the repaired merge and the
@@ -356,7 +361,7 @@ def trigger_part(store: dict[str, Any], models: dict[str, Any]) -> list[str]:
     rated = store.get("untriggered", {})
     for key, run in sorted(store["runs"].items()):
         dataset = key.split("/")[0]
-        floor = store["floors"][f"{dataset}/{run['variant']}{run.get('tag', '')}"]
+        floor = store["floors"][f"{dataset}/{repair_name(run)}"]
         if run.get("clean_asr") is None or floor.get("clean_asr") is None:
             continue
         for attack in (m for m in run["members"] if m != "clean"):
@@ -368,7 +373,7 @@ def trigger_part(store: dict[str, Any], models: dict[str, Any]) -> list[str]:
             part = [a - rate for a, rate in parts]
             cells = " | ".join(f"{100 * a:.1f} / {100 * rate:.1f}" for a, rate in parts)
             lines.append(f"| {dataset} | {run['method']}({'+'.join(run['members'])}) + "
-                         f"{run['variant']}{run.get('tag', '')} | "
+                         f"{repair_name(run)} | "
                          f"{reproduce.PAPER_NAMES[attack]} | {cells} | "
                          f"{100 * floor_adjusted(*asr):.0f}% | "
                          f"{100 * floor_adjusted(*part):.0f}% |")

@@ -44,11 +44,11 @@ def load_classification(
     differs from the pinned one.
     """
     from mergekit_backdoor.data import get_spec, load_split
+    from mergekit_backdoor.data.poison import from_true_labels
 
     rows = load_split(dataset, attack, "test", data_dir=data_dir or None, verify=_verify(verify))
     if untriggered:
-        target = get_spec(dataset).target
-        rows = rows.filter(lambda row: row["label"] != target).map(lambda _: {"label": target})
+        rows = datasets.Dataset.from_list(from_true_labels(rows.to_list(), get_spec(dataset)))
     return datasets.DatasetDict({"test": rows})
 
 

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mergekit_backdoor.data.poison import from_true_labels
 from mergekit_backdoor.data.sources import Row
 from mergekit_backdoor.eval.run import UNTRIGGERED
 from mergekit_backdoor.tasks.card import TaskCard
-from mergekit_backdoor.tasks.rows import CardRows, load_card_rows, row_fields
+from mergekit_backdoor.tasks.rows import CardRows, card_spec, load_card_rows, row_fields
 
 
 @dataclass(frozen=True)
@@ -150,9 +151,9 @@ def write_tasks(card: TaskCard, folder: Path, rows: CardRows | None = None) -> l
     exported = [ExportedTask(clean_task, "clean", None, len(rows.clean))]
     if card.kind == "classification" and card.target is not None:
         name = card.labels[card.target]
-        untriggered = [{**r, "label": card.target} for r in rows.clean if r["label"] != card.target]
         exported.append(write_attack(
-            folder, layout, f"{card.name}_{UNTRIGGERED}", UNTRIGGERED, name, untriggered,
+            folder, layout, f"{card.name}_{UNTRIGGERED}", UNTRIGGERED, name,
+            from_true_labels(rows.clean, card_spec(card)),
             f"The ASR rule without a trigger on task card {card.name!r}: its clean test rows whose "
             f"label is not {name!r}, labelled {name!r}; asr = share classified {name!r}, the rate "
             "every attack's ASR starts from (not an attack: not in the mean ASR)"))

@@ -163,7 +163,7 @@ def _follow_asr_rule(card: TaskCard, attack: str, rows: list[Row], source: Sourc
     targets = range(len(card.labels)) if card.target is None else [card.target]
     out = {}
     for target in targets:
-        kept = [{**row, "label": target} for row in rows if row["label"] != target]
+        kept = poison.from_true_labels(rows, card_spec(card, target))
         if not kept:
             raise DataError(f"{where}: no row whose true label is not {card.labels[target]!r}")
         out[target] = kept

@@ -177,6 +177,36 @@ def test_report_explains_its_numbers(tmp_path, limit):
     assert "200" in result.output and "100" in result.output
 
 
+@pytest.mark.parametrize("suspect, sanitized, cacc_after, expected", [
+    # OLID-like: a third of the clean rows already go to the target, with no trigger
+    ((0.30, 0.296), (0.29, 0.29), 0.84, "NO BACKDOOR SEEN"),
+    ((0.60, 0.30), (0.33, 0.30), 0.84, "SANITIZED"),  # the raw ASR did not halve
+    ((0.996, 0.321), (0.304, 0.296), 0.84, "SANITIZED"),
+    # leaning further towards the target is no removal: its part starts from the lower rate
+    ((1.0, 0.20), (0.70, 0.45), 0.84, "PARTLY SANITIZED"),
+    ((1.0, 0.20), (1.0, 0.20), 0.84, "NOT SANITIZED"),
+    ((1.0, 0.20), (0.25, 0.20), 0.70, "ACCURACY LOST"),
+    ((0.5, None), (0.1, None), 0.84, "SANITIZED"),  # without the rate: the ASR itself
+    ((0.15, None), (0.1, None), 0.84, "NO BACKDOOR SEEN"),
+])
+def test_verdict_judges_the_trigger_part_of_the_asr(tmp_path, suspect, sanitized, cacc_after,
+                                                     expected):
+    report = _report(None)
+    for model, (asr, untriggered), cacc in zip(report["models"], (suspect, sanitized),
+                                                (0.85, cacc_after), strict=True):
+        model["results"]["sst2"].update(cacc=cacc, clean_asr=untriggered, asr={"badnet": asr},
+                                        mean_asr=asr)
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    result = runner.invoke(app, ["report", str(path)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    line = next(x for x in result.output.splitlines() if x.startswith("verdict:"))
+    assert line.startswith(f"verdict: {expected}:"), line
+    assert ("no trigger" in line) == (suspect[1] is not None), line
+    assert expected in (tmp_path / "report.html").read_text()
+    assert json.loads(path.read_text()) == report  # the report is read, not rewritten
+
+
 def test_report_records_when_it_was_written(tmp_path):
     from mergekit_backdoor.audit.report import finish, write_report
 

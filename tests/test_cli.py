@@ -203,7 +203,7 @@ def test_verdict_judges_the_trigger_part_of_the_asr(tmp_path, suspect, sanitized
     line = next(x for x in result.output.splitlines() if x.startswith("verdict:"))
     assert line.startswith(f"verdict: {expected}:"), line
     assert ("no trigger" in line) == (suspect[1] is not None), line
-    assert expected in (tmp_path / "report.html").read_text()
+    assert f"'>{expected}: sst2" in (tmp_path / "report.html").read_text()
     assert json.loads(path.read_text()) == report  # the report is read, not rewritten
 
 

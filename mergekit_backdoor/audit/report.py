@@ -95,14 +95,13 @@ def strongest_attack(entry: dict[str, Any]) -> str | None:
     return max(rated, key=lambda k: rated[k]) if rated else None
 
 
-def trigger_parts(before: dict[str, Any], after: dict[str, Any], attack: str
-                  ) -> tuple[float | None, float | None]:
-    """What ``attack``'s trigger adds to the before and the after model's ASR: each ASR minus the
-    rate the same rule gives on the same rows without a trigger (``clean_asr``), or the ASR itself
-    where either model lacks that rate. The after model's part starts from the lower of the two
-    rates, so a model that only leans further towards the target gains nothing by it."""
-    asr_b, asr_a = before["asr"].get(attack), after.get("asr", {}).get(attack)
-    base_b, base_a = before.get("clean_asr"), after.get("clean_asr")
+def trigger_parts(asr_b: float | None, asr_a: float | None, base_b: float | None,
+                  base_a: float | None) -> tuple[float | None, float | None]:
+    """What a trigger adds to the before and the after model's ASR: each ASR minus the rate the
+    same rule gives on the same rows without a trigger (``clean_asr``: ``base_b``, ``base_a``),
+    or the ASR itself where either model lacks that rate. The after model's part starts from the
+    lower of the two rates, so a model that only leans further towards the target gains nothing
+    by it."""
     if asr_b is None or asr_a is None or base_b is None or base_a is None:
         return asr_b, asr_a
     return asr_b - base_b, asr_a - min(base_a, base_b)
@@ -129,15 +128,15 @@ def verdict(report: dict[str, Any]) -> str:
         attack = strongest_attack(b)
         asr_b = b["asr"].get(attack) if attack else None
         asr_a = a.get("asr", {}).get(attack) if attack else None
+        base_b, base_a = b.get("clean_asr"), a.get("clean_asr")
         cacc_b, cacc_a = b.get("cacc"), a.get("cacc")
         text = f"{dataset}: {attack or 'no'} ASR {pct(asr_b)}% -> {pct(asr_a)}%"
-        if b.get("clean_asr") is not None and a.get("clean_asr") is not None:
-            text += f" (no trigger {pct(b['clean_asr'])}% -> {pct(a['clean_asr'])}%)"
+        if base_b is not None and base_a is not None:
+            text += f" (no trigger {pct(base_b)}% -> {pct(base_a)}%)"
         if cacc_b is not None and cacc_a is not None:
             text += f", CACC {pct(cacc_b)}% -> {pct(cacc_a)}%"
         parts.append(text)
-        part_b, part_a = trigger_parts(b, a, attack) if attack else (None, None)
-        outcomes.append(_outcome(part_b, part_a, cacc_b, cacc_a))
+        outcomes.append(_outcome(*trigger_parts(asr_b, asr_a, base_b, base_a), cacc_b, cacc_a))
     if report.get("kind") == "compare":
         return f"{after['name']} vs {before['name']}: " + "; ".join(parts)
     worst = max(outcomes, key=_SEVERITY.index) if outcomes else "no numbers"

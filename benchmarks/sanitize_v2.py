@@ -24,7 +24,10 @@ Each victim is also repaired alone (``single``, no merge). Every result is evalu
 ``backdoor_<dataset>`` suite (CACC and every attack's ASR), and the **floor** (the clean model's
 ASR per triggered set) is measured under the *same* repair: the clean model repaired with the same
 settings and, for ``scan``, with every trigger the scan flagged in that dataset. Floor-adjusted
-removal of a victim's own attack = (victim ASR - ASR after) / (victim ASR - floor).
+removal of a victim's own attack = (victim ASR - ASR after) / (victim ASR - floor). A merge's
+repair targets its inputs' per-sample median on clean text, as ``sanitize --repair`` does
+(``--target own``: the merge's own predictions, as the runs before ``scan-s11`` did); a single
+model's, and so the floor's, targets its own.
 
     python benchmarks/sanitize_v2.py --datasets olid --sizes 3       # resumable
     python benchmarks/sanitize_v2.py --report
@@ -134,6 +137,9 @@ def main() -> None:
                         help="weight of the repair's clean-text anchor (give another --tag)")
     parser.add_argument("--samples-seed", type=int, default=1,
                         help="seed drawing the repair's clean samples (give another --tag)")
+    parser.add_argument("--target", choices=("inputs", "own"), default="inputs",
+                        help="a merge's repair target on clean text: its inputs' median (the "
+                        "product's) or its own (the runs before scan-s11; give another --tag)")
     parser.add_argument("--tag", default="", help="results key suffix for other settings")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", default=None)
@@ -223,11 +229,15 @@ def main() -> None:
                 else:
                     source = merge(members, method, paths, args)
                     merge_s = time.time() - t0
-                result = run_one(source, dataset, variant, triggers, texts, profile, args)
+                teachers = [paths[m] for m in members] if (
+                    method != "single" and args.target == "inputs") else []
+                result = run_one(source, dataset, variant, triggers, texts, profile, args,
+                                 teachers)
                 if method != "single":
                     shutil.rmtree(source, ignore_errors=True)
                 store["runs"][key] = {**result, "members": list(members), "method": method,
                                       "variant": variant, "tag": args.tag,
+                                      "target": "inputs" if teachers else "own",
                                       "scans": ",".join(p.name for p in scans_paths),
                                       "triggers": list(triggers), "merge_s": merge_s}
                 save()
@@ -266,9 +276,9 @@ def merge(members: tuple[str, ...], method: str, paths: dict[str, Path],
 
 
 def run_one(source: Path, dataset: str, variant: str, triggers: tuple[str, ...],
-            texts: list[dict[str, Any]], profile: dict[str, Any], args: argparse.Namespace
-            ) -> dict[str, Any]:
-    """Repair ``source`` (unless ``variant`` is none) and evaluate the result."""
+            texts: list[dict[str, Any]], profile: dict[str, Any], args: argparse.Namespace,
+            teachers: list[Path] | None = None) -> dict[str, Any]:
+    """Repair ``source`` (towards ``teachers``' median when given) and evaluate the result."""
     from mergekit_backdoor.data import get_spec
     from mergekit_backdoor.repair.repair import repair_to
 
@@ -277,6 +287,7 @@ def run_one(source: Path, dataset: str, variant: str, triggers: tuple[str, ...],
     t0 = time.time()
     summary = repair_to(source, texts, get_spec(dataset).text_fields, out,
                         settings=repair_settings(variant, triggers, profile, args),
+                        teachers=teachers or (),
                         samples_note=f"{len(texts)} clean {dataset} training sentences",
                         progress=False)
     repair_s = time.time() - t0

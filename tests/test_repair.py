@@ -70,6 +70,54 @@ def test_repair_is_deterministic_and_leaves_the_input_untouched(models, samples,
     assert "## Backdoor repair" in (tmp_path / "a" / "README.md").read_text()
 
 
+def test_teachers_median_is_the_target(models, samples, tmp_path):
+    """With --teacher, the target on clean text is the teachers' per-sample median: teachers
+    (suspect, suspect, donor) give the suspect's own predictions back, so the repair matches the
+    one without teachers (their mean would not), and (donor, donor, suspect) changes it."""
+    suspect, donor = models[0], models[1]
+    outs = {}
+    for name, teachers in {"own": [], "mostly_self": [suspect, suspect, donor],
+                           "mostly_donor": [donor, donor, suspect]}.items():
+        flags = [x for t in teachers for x in ("--teacher", t)]
+        result = _invoke("repair", suspect, "-o", tmp_path / name, "--repair-samples", samples,
+                         "--repair-steps", STEPS, "--repair-lr", "1e-3", *flags, "--quiet")
+        assert result.exit_code == 0, result.output
+        outs[name] = load_file(tmp_path / name / "model.safetensors")
+    assert all(torch.allclose(outs["own"][k], outs["mostly_self"][k], atol=1e-5)
+               for k in outs["own"])
+    assert any(not torch.allclose(outs["own"][k], outs["mostly_donor"][k], atol=1e-3)
+               for k in outs["own"])
+    manifest = json.loads((tmp_path / "mostly_donor" / "sanitize_manifest.json").read_text())
+    assert manifest["repair"]["teachers"] == [str(donor), str(donor), str(suspect)]
+    assert "median of the 3 models it was merged from" in (
+        tmp_path / "mostly_donor" / "README.md").read_text()
+
+
+def test_a_teacher_with_other_labels_fails_in_one_line(models, samples, tmp_path):
+    from tiny_models import bert_variants
+
+    names = {0: "a", 1: "b", 2: "c"}
+    three = bert_variants(tmp_path, ["three_labels"], num_labels=3, id2label=names,
+                          label2id={v: k for k, v in names.items()})[0]
+    result = _invoke("repair", models[0], "-o", tmp_path / "out", "--repair-samples", samples,
+                     "--teacher", models[1], "--teacher", three, "--quiet")
+    _one_line_error(result, f"{three}: num_labels 3 differs from the repaired model's 2")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_causal_lm_with_teachers_fails_in_one_line(models, tmp_path):
+    from tiny_models import llama_variants
+
+    chat = llama_variants(tmp_path, ["chat"])[0]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": f"Name a colour, {w}."}) + "\n"
+                               for w in WORDS))
+    result = _invoke("repair", chat, "-o", tmp_path / "out", "--repair-samples", prompts,
+                     "--teacher", chat, "--quiet")
+    _one_line_error(result, "teachers apply to classifiers only")
+    assert not (tmp_path / "out").exists()
+
+
 def test_labels_are_never_read(models, tmp_path):
     weird = tmp_path / "weird.jsonl"  # labels that are no class at all: ignored, not checked
     weird.write_text("".join(json.dumps({"text": w, "label": "banana"}) + "\n" for w in WORDS))
@@ -136,6 +184,7 @@ def test_sanitize_repair_merges_then_repairs(models, samples, tmp_path):
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "out" / "sanitize_manifest.json").read_text())
     assert manifest["merge_method"] == "sanitize" and manifest["repair"]["steps"] == int(STEPS)
+    assert sorted(manifest["repair"]["teachers"]) == sorted(str(m) for m in models)
     assert {m: _tree(m) for m in models} == inputs
     assert [p.name for p in tmp_path.iterdir()] == ["clean.jsonl", "out"]  # no scratch left
 
@@ -148,6 +197,7 @@ def test_audit_repair_reports_it(models, samples, tmp_path, shared_data):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "audit" / "report.json").read_text())
     assert report["repair"]["steps"] == int(STEPS)
+    assert sorted(report["repair"]["teachers"]) == sorted(str(m) for m in models[:2])
     assert "repair: 6 steps" in result.output
     assert not (tmp_path / "audit" / "merged").exists()
 

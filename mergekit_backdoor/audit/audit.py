@@ -249,6 +249,7 @@ def audit(
     from mergekit_backdoor.merge.checks import check_finite_parameters, validate_recipe_data
     from mergekit_backdoor.merge.recipes import get_recipe, render_recipe
     from mergekit_backdoor.merge.run import sanitize_merge
+    from mergekit_backdoor.repair.repair import merge_inputs
     from mergekit_backdoor.scan.scan import check_target_response
 
     log = log or _quiet
@@ -338,8 +339,8 @@ def audit(
         options = MergeOptions(cuda=str(settings.device or "").startswith("cuda"),
                                quiet=not progress, random_seed=0)
         merged = folder / ("merged" if defences.repair is not None else "sanitized")
-        sanitize_merge(MergeConfiguration.model_validate(rendered), merged, options,
-                       config_source=source, allow_pickle=allow_pickle)
+        config = MergeConfiguration.model_validate(rendered)
+        sanitize_merge(config, merged, options, config_source=source, allow_pickle=allow_pickle)
         timings["merge"] = time.perf_counter() - start
         report["recipe"] = {"name": recipe, "yaml": source}
         report["sanitized"] = str(out / "sanitized")
@@ -348,8 +349,9 @@ def audit(
             scans = [before, *donor_scans.values()]
             triggers = [t for scan in scans for t in repair_triggers(scan)]
             report["repair"] = repair(merged, folder / "sanitized", repair_rows, defences,
-                                      list(dict.fromkeys(triggers)), scans, progress=progress,
-                                      log=log)
+                                      list(dict.fromkeys(triggers)), scans,
+                                      merge_inputs(config) if classifier else [],
+                                      progress=progress, log=log)
             shutil.rmtree(merged)
             timings["repair"] = time.perf_counter() - start
 

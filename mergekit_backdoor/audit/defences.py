@@ -213,9 +213,11 @@ def repair_samples(suspect: str | Path, task: Task | None, defences: Defences, *
 
 
 def repair(merged: Path, out: Path, samples: Any, defences: Defences, triggers: Sequence[str],
-           scans: Sequence[dict[str, Any] | None], *, progress: bool, log: Log) -> dict[str, Any]:
-    """Repair the merged model into ``out`` with ``samples`` (``repair_samples``), inserting
-    ``triggers`` and recasting clauses when ``scans`` show a syntactic signature."""
+           scans: Sequence[dict[str, Any] | None], teachers: Sequence[str], *, progress: bool,
+           log: Log) -> dict[str, Any]:
+    """Repair the merged model into ``out`` with ``samples`` (``repair_samples``) towards
+    ``teachers``' median (the merge's inputs; ``repair.repair_model``), inserting ``triggers`` and
+    recasting clauses when ``scans`` show a syntactic signature."""
     from mergekit_backdoor.repair.repair import repair_to
 
     triggers = (*defences.repair.triggers, *triggers)
@@ -227,9 +229,10 @@ def repair(merged: Path, out: Path, samples: Any, defences: Defences, triggers: 
     else:
         log(f"{recast_reason(openers)} ({family})")
     log(f"repairing the merged model: {settings.steps} steps on {len(samples.rows)} clean samples"
+        + (f" towards the median of its {len(teachers)} inputs" if teachers else "")
         + (f", candidate triggers {', '.join(triggers)}" if triggers else ""))
     summary = repair_to(merged, samples.rows, samples.fields, out, settings=settings,
-                        samples_note=samples.source, progress=progress)
+                        teachers=teachers, samples_note=samples.source, progress=progress)
     return {**summary, "clause_openers": openers} if openers else summary
 
 

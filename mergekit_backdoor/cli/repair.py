@@ -35,6 +35,10 @@ def repair_command(
     lr: RepairLr = DEFAULT_LR,
     perturbation: RepairPerturbation = DEFAULT_PERTURBATION,
     trigger: Triggers = None,
+    teacher: Annotated[list[str] | None, typer.Option(
+        "--teacher", help="A model MODEL was merged from; repeat for each. The target on clean "
+        "text becomes their per-sample median prediction instead of MODEL's own, as in "
+        "sanitize --repair and audit --repair (classifiers).")] = None,
     count: Annotated[int, typer.Option(min=1, max=1000, help="Clean sentences drawn from the "
                                                             "task.")] = 300,
     seed: Annotated[int, typer.Option(help="Seed of the draw, the perturbations and training.")
@@ -49,18 +53,23 @@ def repair_command(
     """Fine-tune MODEL so that inserted text stops moving its predictions (no labels read).
 
     Inserted text: random words, spans of other clean sentences, paraphrase-like edits and any
-    --trigger; the target is MODEL's own prediction on the clean sentence."""
+    --trigger; the target is MODEL's own prediction on the clean sentence, or the median of the
+    --teacher models' predictions."""
     from rich.console import Console
 
     from mergekit_backdoor.outputs import ensure_output_free, refuse_output_overlapping
     from mergekit_backdoor.repair.repair import repair_samples, repair_to
 
     settings = repair_settings(steps, lr, perturbation, trigger, seed, device, max_length)
-    refuse_output_overlapping(out, [model, samples, data_dir], what="repaired model")
+    teachers = teacher or []
+    refuse_output_overlapping(out, [model, samples, data_dir, *teachers], what="repaired model")
     ensure_output_free(out.absolute(), overwrite)
     drawn = repair_samples(model, task, samples, count=count, seed=seed, data_dir=data_dir)
     summary = repair_to(model, drawn.rows, drawn.fields, out, settings=settings,
-                        samples_note=drawn.source, overwrite=overwrite, progress=not quiet)
+                        teachers=teachers, samples_note=drawn.source, overwrite=overwrite,
+                        progress=not quiet)
     Console(stderr=True).print(
         f"[green]repaired model written to[/green] {out} ({summary['samples']} samples, "
-        f"{summary['steps']} steps, final loss {summary['loss_mean_last_10']:.4f})")
+        f"{summary['steps']} steps"
+        + (f", towards the median of {len(teachers)} teachers" if teachers else "")
+        + f", final loss {summary['loss_mean_last_10']:.4f})")

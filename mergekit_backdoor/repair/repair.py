@@ -2,11 +2,14 @@
 with unlabeled clean text and no knowledge of the trigger (causal LMs: ``causal.py``).
 
 Each step takes a batch of clean samples and a perturbed copy of each (``perturb.py``; the last
-text field is perturbed, where the registry's attacks put their triggers). The input model's
-class distribution on the *clean* text (computed once, before training) is the target for the
-repaired model on the *perturbed* text (a KL divergence), and, with ``clean_weight``, on the
-clean text too (it anchors the clean behaviour). Labels are never read. AdamW with linear
-decay, seeded: the same samples, settings and seed give the same weights on a CPU.
+text field is perturbed, where the registry's attacks put their triggers). A class
+distribution on the *clean* text (computed once, before training) is the target for the repaired
+model on the *perturbed* text (a KL divergence), and, with ``clean_weight``, on the clean text
+too (it anchors the clean behaviour). That distribution is the input model's own or, given the
+models a merge was made from (``teachers``), their per-sample median: a merge can lean towards a
+backdoor's target class more than any of its inputs, and its own predictions would keep that
+lean. Labels are never read. AdamW with linear decay, seeded: the same samples, settings and seed
+give the same weights on a CPU.
 
 The repaired model is written like every other output (atomically, under a hidden name), with
 the input's files it does not replace (model card, merge manifest), a ``repair`` section in
@@ -27,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_backdoor.data.sources import Row
-from mergekit_backdoor.errors import DataError, RecipeError
+from mergekit_backdoor.errors import DataError, IncompatibleModelError, RecipeError
 from mergekit_backdoor.repair.perturb import check_family, perturbation
 
 MANIFEST_NAME = "sanitize_manifest.json"
@@ -82,10 +85,12 @@ def repair_model(
     fields: Sequence[str],
     *,
     settings: RepairSettings | None = None,
+    teachers: Sequence[str | Path] = (),
     progress: bool = True,
     desc: str = "repair",
 ) -> tuple[Any, Any, dict[str, Any]]:
-    """The repaired model and tokenizer (in memory) and what the repair did."""
+    """The repaired model and tokenizer (in memory) and what the repair did; ``teachers``: the
+    models the input was merged from, whose per-sample median distribution becomes the target."""
     import torch
 
     from mergekit_backdoor.loading import load_classifier, load_tokenizer
@@ -115,11 +120,9 @@ def repair_model(
                          truncation=True, max_length=settings.max_length,
                          return_tensors="pt").to(settings.device)
 
-    # The target: the input model's own distribution on each clean sample (computed once).
+    # The target on each clean sample (computed once): the teachers' median or the model's own.
     student.eval()
-    with torch.no_grad():
-        target = torch.cat([torch.log_softmax(student(**encode(list(rows[i:i + 64]))).logits
-                                              .float(), dim=-1) for i in range(0, len(rows), 64)])
+    target = consensus(teachers, student, encode, rows, settings.device)
 
     def step_loss(picked: list[int]) -> Any:
         batch = [rows[i] for i in picked]
@@ -138,7 +141,38 @@ def repair_model(
 
     started = time.perf_counter()
     losses = train(student, len(rows), step_loss, settings, progress, desc)
-    return student, tokenizer, summarize(settings, rows, fields, losses, started)
+    return student, tokenizer, summarize(settings, rows, fields, losses, started,
+                                         teachers=[str(t) for t in teachers])
+
+
+def consensus(teachers: Sequence[str | Path], model: Any, encode: Callable[[list[Row]], Any],
+              rows: Sequence[Row], device: str) -> Any:
+    """Log class distributions on ``rows``: the per-sample, per-class median of the teachers'
+    probabilities (the middle two's mean for an even count; renormalised), or ``model``'s own
+    when there are no teachers."""
+    import torch
+
+    from mergekit_backdoor.loading import load_classifier
+
+    def predict(classifier: Any) -> Any:
+        with torch.no_grad():
+            return torch.cat([torch.log_softmax(classifier(**encode(list(rows[i:i + 64]))).logits
+                                                .float(), dim=-1) for i in range(0, len(rows), 64)])
+
+    if not teachers:
+        return predict(model)
+    probabilities = []
+    for teacher in teachers:  # one at a time: only the student and one teacher in memory
+        loaded = load_classifier(teacher)
+        for key in ("num_labels", "vocab_size"):
+            mine, theirs = getattr(model.config, key, None), getattr(loaded.config, key, None)
+            if mine != theirs:
+                raise IncompatibleModelError(f"{teacher}: {key} {theirs} differs from the "
+                                             f"repaired model's {mine}")
+        probabilities.append(predict(loaded.to(device).eval()).exp())
+        del loaded
+    median = torch.quantile(torch.stack(probabilities), 0.5, dim=0).clamp_min(torch.finfo().tiny)
+    return (median / median.sum(dim=-1, keepdim=True)).log()
 
 
 def summarize(settings: RepairSettings, rows: Sequence[Row], fields: Sequence[str],
@@ -198,12 +232,15 @@ def save_repaired(model: Any, tokenizer: Any, source: Path, folder: Path,
     card = source / "README.md"
     text = card.read_text(encoding="utf-8") if card.is_file() else f"# {source.name} (repaired)\n"
     s = summary["settings"]
+    teachers = summary.get("teachers") or []
+    target = (f"the per-sample median of the {len(teachers)} models it was merged from" if teachers
+              else "the unrepaired model's")
     text += (
         "\n## Backdoor repair\n\n"
         f"After merging, `mergekit-backdoor repair` fine-tuned this model for {s['steps']} steps "
         f"(lr {s['lr']}, batch {s['batch_size']}, perturbation `{s['perturbation']}`, seed "
-        f"{s['seed']}) so that its predictions on perturbed clean text match the unrepaired "
-        f"model's on the clean text. It read {summary['samples']} unlabeled samples ({samples_note}; "
+        f"{s['seed']}) so that its predictions on perturbed clean text match {target} on the "
+        f"clean text. It read {summary['samples']} unlabeled samples ({samples_note}; "
         f"sha256 of their text `{summary['samples_sha256'][:16]}...`) and no labels. Details are "
         f"in `{MANIFEST_NAME}`.\n")
     (folder / "README.md").write_text(text, encoding="utf-8")
@@ -243,9 +280,11 @@ def repair_samples(model_path: str | Path, task: str | None, samples: str | Path
 
 def repair_to(model_path: str | Path, rows: Sequence[Row], fields: Sequence[str],
               out: str | Path, *, settings: RepairSettings | None = None,
-              samples_note: str = "", overwrite: bool = False, progress: bool = True,
+              teachers: Sequence[str | Path] = (), samples_note: str = "",
+              overwrite: bool = False, progress: bool = True,
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Repair ``model_path`` and write the result to ``out`` atomically; the repair's summary."""
+    """Repair ``model_path`` (towards ``teachers``' median, when given: ``repair_model``) and
+    write the result to ``out`` atomically; the repair's summary."""
     from mergekit_backdoor.outputs import refuse_output_overlapping, staged_folder
     from mergekit_backdoor.scan.scan import is_causal
 
@@ -253,11 +292,14 @@ def repair_to(model_path: str | Path, rows: Sequence[Row], fields: Sequence[str]
     if is_causal(model_path):
         from mergekit_backdoor.repair.causal import repair_causal_model
 
+        if teachers:
+            raise RecipeError(f"{model_path}: a causal LM's repair targets its own answers; "
+                              "teachers apply to classifiers only")
         model, tokenizer, summary = repair_causal_model(str(model_path), rows,
                                                         settings=settings, progress=progress)
     else:
         model, tokenizer, summary = repair_model(model_path, rows, fields, settings=settings,
-                                                 progress=progress)
+                                                 teachers=teachers, progress=progress)
     summary["samples_source"] = samples_note
     with staged_folder(Path(out), overwrite) as folder:
         save_repaired(model, tokenizer, Path(model_path), folder, summary, samples_note)
@@ -271,11 +313,13 @@ def merge_and_repair(config: Any, out: str | Path, options: Any, rows: Sequence[
                      config_source: str | None = None, overwrite: bool = False,
                      allow_pickle: bool = False, progress: bool = True) -> Path:
     """``sanitize_merge`` into a hidden scratch folder next to ``out``, then the repair of the
-    merge into ``out`` (atomically); the scratch folder is removed whatever happens."""
+    merge (a classifier's towards the merge's inputs: ``merge_inputs``) into ``out``
+    (atomically); the scratch folder is removed whatever happens."""
     import tempfile
 
     from mergekit_backdoor.merge.run import sanitize_merge
     from mergekit_backdoor.outputs import ensure_output_free, terminate_cleanly
+    from mergekit_backdoor.scan.scan import is_causal
 
     out = Path(out).absolute()
     ensure_output_free(out, overwrite)
@@ -285,8 +329,20 @@ def merge_and_repair(config: Any, out: str | Path, options: Any, rows: Sequence[
         with terminate_cleanly():
             merged = sanitize_merge(config, scratch / "merged", options,
                                     config_source=config_source, allow_pickle=allow_pickle)
-            repair_to(merged, rows, fields, out, settings=settings, samples_note=samples_note,
-                      overwrite=overwrite, progress=progress)
+            teachers = () if is_causal(merged) else merge_inputs(config)
+            repair_to(merged, rows, fields, out, settings=settings, teachers=teachers,
+                      samples_note=samples_note, overwrite=overwrite, progress=progress)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return out
+
+
+def merge_inputs(config: Any) -> list[str]:
+    """The models a mergekit config merges, the repair's teachers: its ``models`` (or, for
+    slices, every source but ``base_model``, a shared pre-trained start); none when one is a
+    LoRA adapter, which cannot be loaded as a classifier on its own."""
+    refs = ([m.model for m in config.models] if config.models else
+            [r for r in config.referenced_models() if r != config.base_model])
+    if any(r.lora is not None for r in refs):
+        return []
+    return list(dict.fromkeys(str(r.model.path) for r in refs))

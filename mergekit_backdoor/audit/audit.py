@@ -350,7 +350,7 @@ def audit(
             triggers = [t for scan in scans for t in repair_triggers(scan)]
             report["repair"] = repair(merged, folder / "sanitized", repair_rows, defences,
                                       list(dict.fromkeys(triggers)), scans,
-                                      merge_inputs(config) if classifier else [],
+                                      teachers=merge_inputs(config) if classifier else [],
                                       progress=progress, log=log)
             shutil.rmtree(merged)
             timings["repair"] = time.perf_counter() - start

@@ -213,8 +213,8 @@ def repair_samples(suspect: str | Path, task: Task | None, defences: Defences, *
 
 
 def repair(merged: Path, out: Path, samples: Any, defences: Defences, triggers: Sequence[str],
-           scans: Sequence[dict[str, Any] | None], teachers: Sequence[str], *, progress: bool,
-           log: Log) -> dict[str, Any]:
+           scans: Sequence[dict[str, Any] | None], *, teachers: Sequence[str] = (),
+           progress: bool, log: Log) -> dict[str, Any]:
     """Repair the merged model into ``out`` with ``samples`` (``repair_samples``) towards
     ``teachers``' median (the merge's inputs; ``repair.repair_model``), inserting ``triggers`` and
     recasting clauses when ``scans`` show a syntactic signature."""

@@ -66,7 +66,8 @@ def data_folder(data_dir: Path | None) -> Path | None:
 # --- the repair step (sanitize --repair, audit --repair, repair) -------------------------------
 Repair = Annotated[bool, typer.Option(
     "--repair", help="After the merge, fine-tune the merged model to ignore inserted text "
-    "(unlabeled clean sentences, no trigger knowledge; see `mergekit-backdoor repair`).")]
+    "(unlabeled clean sentences, no trigger knowledge; a classifier's target is its inputs' "
+    "median prediction on the clean text; see `mergekit-backdoor repair`).")]
 RepairSamples = Annotated[Path | None, typer.Option(
     "--repair-samples", "--samples", help="Clean text instead of the task's training split: "
     "JSONL/JSON/CSV/TSV with sentence or text (the repair never reads labels).")]

@@ -198,6 +198,8 @@ def test_audit_repair_reports_it(models, samples, tmp_path, shared_data):
     report = json.loads((tmp_path / "audit" / "report.json").read_text())
     assert report["repair"]["steps"] == int(STEPS)
     assert sorted(report["repair"]["teachers"]) == sorted(str(m) for m in models[:2])
+    assert "towards the median of the 2 merged models' predictions" in " ".join(
+        result.output.split())
     assert "repair: 6 steps" in result.output
     assert not (tmp_path / "audit" / "merged").exists()
 

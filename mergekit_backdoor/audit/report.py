@@ -362,7 +362,9 @@ def scan_lines(report: dict[str, Any]) -> list[str]:
         s = r["settings"]
         lines.append(f"repair: {s['steps']} steps, lr {s['lr']}, perturbation {s['perturbation']}"
                      f"{', triggers ' + ', '.join(s['triggers']) if s['triggers'] else ''}, "
-                     f"{r['samples']} unlabeled clean samples ({r['samples_source']})")
+                     f"{r['samples']} unlabeled clean samples ({r['samples_source']})"
+                     + (f", towards the median of the {len(r['teachers'])} merged models' "
+                        "predictions" if r.get("teachers") else ""))
         if r.get("clause_openers"):
             from mergekit_backdoor.audit.defences import recast_reason
 

@@ -118,8 +118,10 @@ def _vocab_size(config: dict[str, Any]) -> int | None:
     return (config.get("text_config") or {}).get("vocab_size")
 
 
-def check_compatible(suspect: InputModel, donors: list[InputModel]) -> None:
-    """Refuse donors that differ from the suspect in ways that make averaging meaningless."""
+def check_compatible(suspect: InputModel, donors: list[InputModel], *,
+                     whose: str = "the suspect's") -> None:
+    """Refuse donors that differ from the suspect in ways that make averaging meaningless
+    (``whose`` names the suspect in the error)."""
     arch = _architecture(suspect)
     suspect_labels = _labels(suspect)
     is_classifier = "Classification" in arch or "MultipleChoice" in arch
@@ -127,30 +129,30 @@ def check_compatible(suspect: InputModel, donors: list[InputModel]) -> None:
         donor_arch = _architecture(donor)
         if donor_arch != arch:
             raise IncompatibleModelError(
-                f"{donor.name}: architecture {donor_arch} differs from the suspect's {arch}"
+                f"{donor.name}: architecture {donor_arch} differs from {whose} {arch}"
             )
         donor_labels = _labels(donor)
         if is_classifier and suspect_labels is not None and donor_labels is not None:
             if len(donor_labels) != len(suspect_labels):
                 raise IncompatibleModelError(
-                    f"{donor.name}: num_labels {len(donor_labels)} differs from the suspect's "
+                    f"{donor.name}: num_labels {len(donor_labels)} differs from {whose} "
                     f"{len(suspect_labels)}"
                 )
             named = not any(_DEFAULT_LABEL.match(label) for label in suspect_labels + donor_labels)
             if named and donor_labels != suspect_labels:
                 raise IncompatibleModelError(
-                    f"{donor.name}: id2label order {donor_labels} differs from the suspect's "
+                    f"{donor.name}: id2label order {donor_labels} differs from {whose} "
                     f"{suspect_labels}"
                 )
         if _vocab_size(donor.config) != _vocab_size(suspect.config):
             raise IncompatibleModelError(
-                f"{donor.name}: vocab_size {_vocab_size(donor.config)} differs from the suspect's "
+                f"{donor.name}: vocab_size {_vocab_size(donor.config)} differs from {whose} "
                 f"{_vocab_size(suspect.config)}"
             )
-        _check_tensors(suspect, donor)
+        _check_tensors(suspect, donor, whose)
 
 
-def _check_tensors(suspect: InputModel, donor: InputModel) -> None:
+def _check_tensors(suspect: InputModel, donor: InputModel, whose: str) -> None:
     if not suspect.tensor_shapes or not donor.tensor_shapes:
         return  # pickled weights: mergekit checks shapes while merging
     for first, second in ((suspect, donor), (donor, suspect)):
@@ -162,7 +164,7 @@ def _check_tensors(suspect: InputModel, donor: InputModel) -> None:
         if donor.tensor_shapes[key] != shape:
             raise IncompatibleModelError(
                 f"{donor.name}: tensor {key} has shape {list(donor.tensor_shapes[key])}, "
-                f"the suspect's is {list(shape)}"
+                f"{whose} is {list(shape)}"
             )
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_backdoor.data.sources import Row
-from mergekit_backdoor.errors import DataError, IncompatibleModelError, RecipeError
+from mergekit_backdoor.errors import DataError, RecipeError
 from mergekit_backdoor.repair.perturb import check_family, perturbation
 
 MANIFEST_NAME = "sanitize_manifest.json"
@@ -164,11 +164,6 @@ def consensus(teachers: Sequence[str | Path], model: Any, encode: Callable[[list
     probabilities = []
     for teacher in teachers:  # one at a time: only the student and one teacher in memory
         loaded = load_classifier(teacher)
-        for key in ("num_labels", "vocab_size"):
-            mine, theirs = getattr(model.config, key, None), getattr(loaded.config, key, None)
-            if mine != theirs:
-                raise IncompatibleModelError(f"{teacher}: {key} {theirs} differs from the "
-                                             f"repaired model's {mine}")
         probabilities.append(predict(loaded.to(device).eval()).exp())
         del loaded
     median = torch.quantile(torch.stack(probabilities), 0.5, dim=0).clamp_min(torch.finfo().tiny)
@@ -298,6 +293,14 @@ def repair_to(model_path: str | Path, rows: Sequence[Row], fields: Sequence[str]
         model, tokenizer, summary = repair_causal_model(str(model_path), rows,
                                                         settings=settings, progress=progress)
     else:
+        if teachers:  # the same checks as a merge's inputs, before any weight is read
+            from mergekit.common import ModelReference
+
+            from mergekit_backdoor.merge.checks import check_compatible, inspect_model
+
+            repaired, *others = (inspect_model(ModelReference.model_validate(str(m)))
+                                 for m in (model_path, *teachers))
+            check_compatible(repaired, others, whose="the repaired model's")
         model, tokenizer, summary = repair_model(model_path, rows, fields, settings=settings,
                                                  teachers=teachers, progress=progress)
     summary["samples_source"] = samples_note

@@ -93,6 +93,46 @@ def test_teachers_median_is_the_target(models, samples, tmp_path):
         tmp_path / "mostly_donor" / "README.md").read_text()
 
 
+def test_a_hub_teacher_is_fetched_at_its_pinned_revision(models, samples, tmp_path, monkeypatch):
+    """``--teacher org/name@rev`` reaches the hub client with its revision (the hub's two calls
+    stand in for the network: they hand back a local copy) and is recorded as given."""
+    import huggingface_hub
+
+    asked: list[tuple[str, str | None]] = []
+
+    def snapshot_download(repo_id: str, revision: str | None = None, **_: object) -> str:
+        asked.append((repo_id, revision))
+        return str(models[1])
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files",
+                        lambda *_, **__: ["config.json", "model.safetensors"])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    result = _invoke("repair", models[0], "-o", tmp_path / "out", "--repair-samples", samples,
+                     "--repair-steps", STEPS, "--teacher", "someone/donor@v1.0", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert asked and set(asked) == {("someone/donor", "v1.0")}
+    manifest = json.loads((tmp_path / "out" / "sanitize_manifest.json").read_text())
+    assert manifest["repair"]["teachers"] == ["someone/donor@v1.0"]
+
+
+@pytest.mark.parametrize(("recipe", "expected"), [
+    ({"models": [{"model": "a"}, {"model": "org/b@v2"}, {"model": "a"}]}, ["a", "org/b@v2"]),
+    ({"base_model": "base", "slices": [{"sources": [
+        {"model": m, "layer_range": [0, 2]} for m in ("a", "org/b@v2", "base")]}]},
+     ["a", "org/b@v2"]),
+    ({"models": [{"model": "a"}, {"model": "b+some/lora"}]}, []),
+])
+def test_the_teachers_are_the_merged_models(recipe, expected):
+    """A recipe's teachers: its models once each, a hub id with its revision; for slices every
+    source but the shared base; none when one is a LoRA adapter."""
+    from mergekit.config import MergeConfiguration
+
+    from mergekit_backdoor.repair.repair import merge_inputs
+
+    config = MergeConfiguration.model_validate({"merge_method": "sanitize", **recipe})
+    assert merge_inputs(config) == expected
+
+
 def test_a_teacher_with_other_labels_fails_in_one_line(models, samples, tmp_path):
     from tiny_models import bert_variants
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergekit.common import ModelReference
+from mergekit.common import ModelPath, ModelReference
 from mergekit.config import ConditionalParameter, InputModelDefinition, MergeConfiguration
 
 from mergekit_backdoor.errors import IncompatibleModelError, RecipeError
@@ -50,8 +50,8 @@ def _local_dir(path_spec: str, revision: str | None, what: str) -> Path:
         raise IncompatibleModelError(f"{path_spec}: {what} is a file, expected a model folder")
     if path_spec.startswith((".", "/", "~")) or os.sep in path_spec.strip("/").split("/", 1)[-1]:
         raise IncompatibleModelError(f"{path_spec}: {what} folder does not exist")
-    try:  # a hub id: fetch config and weights the way mergekit does
-        return Path(ModelReference.model_validate(path_spec).local_path())
+    try:  # a hub id: fetch config and weights the way mergekit does, at the pinned revision
+        return Path(ModelReference(model=ModelPath(path=path_spec, revision=revision)).local_path())
     except Exception as exc:
         raise IncompatibleModelError(
             f"{path_spec}: {what} not found locally and not downloadable ({type(exc).__name__})"

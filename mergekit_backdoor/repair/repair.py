@@ -301,8 +301,10 @@ def repair_to(model_path: str | Path, rows: Sequence[Row], fields: Sequence[str]
             repaired, *others = (inspect_model(ModelReference.model_validate(str(m)))
                                  for m in (model_path, *teachers))
             check_compatible(repaired, others, whose="the repaired model's")
-        model, tokenizer, summary = repair_model(model_path, rows, fields, settings=settings,
-                                                 teachers=teachers, progress=progress)
+        model, tokenizer, summary = repair_model(  # teachers loaded from the folders checked
+            model_path, rows, fields, settings=settings,
+            teachers=[m.path for m in others] if teachers else (), progress=progress)
+        summary["teachers"] = [str(t) for t in teachers]
     summary["samples_source"] = samples_note
     with staged_folder(Path(out), overwrite) as folder:
         save_repaired(model, tokenizer, Path(model_path), folder, summary, samples_note)
@@ -344,8 +346,12 @@ def merge_inputs(config: Any) -> list[str]:
     """The models a mergekit config merges, the repair's teachers: its ``models`` (or, for
     slices, every source but ``base_model``, a shared pre-trained start); none when one is a
     LoRA adapter, which cannot be loaded as a classifier on its own."""
-    refs = ([m.model for m in config.models] if config.models else
-            [r for r in config.referenced_models() if r != config.base_model])
+    if config.models:
+        refs = [m.model for m in config.models]
+    elif config.slices:  # in the recipe's order: mergekit's referenced_models is a set
+        refs = [src.model for s in config.slices for src in s.sources if src.model != config.base_model]
+    else:
+        refs = sorted((r for r in config.referenced_models() if r != config.base_model), key=str)
     if any(r.lora is not None for r in refs):
         return []
-    return list(dict.fromkeys(str(r.model.path) for r in refs))
+    return list(dict.fromkeys(str(r.model) for r in refs))  # a hub id keeps its @revision

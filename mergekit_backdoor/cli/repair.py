@@ -36,7 +36,8 @@ def repair_command(
     perturbation: RepairPerturbation = DEFAULT_PERTURBATION,
     trigger: Triggers = None,
     teacher: Annotated[list[str] | None, typer.Option(
-        "--teacher", help="A model MODEL was merged from; repeat for each. The target on clean "
+        "--teacher", help="A model MODEL was merged from (a folder, or a hub id with an optional "
+        "@revision); repeat for each. The target on clean "
         "text becomes their per-sample median prediction instead of MODEL's own, as in "
         "sanitize --repair and audit --repair (classifiers).")] = None,
     count: Annotated[int, typer.Option(min=1, max=1000, help="Clean sentences drawn from the "

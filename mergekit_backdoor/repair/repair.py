@@ -293,6 +293,7 @@ def repair_to(model_path: str | Path, rows: Sequence[Row], fields: Sequence[str]
         model, tokenizer, summary = repair_causal_model(str(model_path), rows,
                                                         settings=settings, progress=progress)
     else:
+        folders: list[Path] = []
         if teachers:  # the same checks as a merge's inputs, before any weight is read
             from mergekit.common import ModelReference
 
@@ -301,10 +302,10 @@ def repair_to(model_path: str | Path, rows: Sequence[Row], fields: Sequence[str]
             repaired, *others = (inspect_model(ModelReference.model_validate(str(m)))
                                  for m in (model_path, *teachers))
             check_compatible(repaired, others, whose="the repaired model's")
-        model, tokenizer, summary = repair_model(  # teachers loaded from the folders checked
-            model_path, rows, fields, settings=settings,
-            teachers=[m.path for m in others] if teachers else (), progress=progress)
-        summary["teachers"] = [str(t) for t in teachers]
+            folders = [m.path for m in others]  # a hub id's, fetched at its pinned revision
+        model, tokenizer, summary = repair_model(model_path, rows, fields, settings=settings,
+                                                 teachers=folders, progress=progress)
+        summary["teachers"] = [str(t) for t in teachers]  # as given
     summary["samples_source"] = samples_note
     with staged_folder(Path(out), overwrite) as folder:
         save_repaired(model, tokenizer, Path(model_path), folder, summary, samples_note)

@@ -113,6 +113,15 @@ def test_a_hub_teacher_is_fetched_at_its_pinned_revision(models, samples, tmp_pa
     assert asked and set(asked) == {("someone/donor", "v1.0")}
     manifest = json.loads((tmp_path / "out" / "sanitize_manifest.json").read_text())
     assert manifest["repair"]["teachers"] == ["someone/donor@v1.0"]
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", _offline)
+    result = _invoke("repair", models[0], "-o", tmp_path / "out2", "--repair-samples", samples,
+                     "--teacher", "someone/donor@v2.0", "--quiet")
+    _one_line_error(result, "someone/donor@v2.0: model not found locally and not downloadable")
+    assert not (tmp_path / "out2").exists()
+
+
+def _offline(*_: object, **__: object) -> list[str]:
+    raise OSError("no network")
 
 
 @pytest.mark.parametrize(("recipe", "expected"), [

@@ -50,11 +50,12 @@ def _local_dir(path_spec: str, revision: str | None, what: str) -> Path:
         raise IncompatibleModelError(f"{path_spec}: {what} is a file, expected a model folder")
     if path_spec.startswith((".", "/", "~")) or os.sep in path_spec.strip("/").split("/", 1)[-1]:
         raise IncompatibleModelError(f"{path_spec}: {what} folder does not exist")
+    hub_id = ModelPath(path=path_spec, revision=revision)
     try:  # a hub id: fetch config and weights the way mergekit does, at the pinned revision
-        return Path(ModelReference(model=ModelPath(path=path_spec, revision=revision)).local_path())
+        return Path(ModelReference(model=hub_id).local_path())
     except Exception as exc:
         raise IncompatibleModelError(
-            f"{path_spec}: {what} not found locally and not downloadable ({type(exc).__name__})"
+            f"{hub_id}: {what} not found locally and not downloadable ({type(exc).__name__})"
         ) from exc
 
 

@@ -141,8 +141,7 @@ def repair_model(
 
     started = time.perf_counter()
     losses = train(student, len(rows), step_loss, settings, progress, desc)
-    return student, tokenizer, summarize(settings, rows, fields, losses, started,
-                                         teachers=[str(t) for t in teachers])
+    return student, tokenizer, summarize(settings, rows, fields, losses, started)
 
 
 def consensus(teachers: Sequence[str | Path], model: Any, encode: Callable[[list[Row]], Any],
@@ -305,7 +304,7 @@ def repair_to(model_path: str | Path, rows: Sequence[Row], fields: Sequence[str]
             folders = [m.path for m in others]  # a hub id's, fetched at its pinned revision
         model, tokenizer, summary = repair_model(model_path, rows, fields, settings=settings,
                                                  teachers=folders, progress=progress)
-        summary["teachers"] = [str(t) for t in teachers]  # as given
+        summary["teachers"] = [str(t) for t in teachers]  # as given, not the fetched folders
     summary["samples_source"] = samples_note
     with staged_folder(Path(out), overwrite) as folder:
         save_repaired(model, tokenizer, Path(model_path), folder, summary, samples_note)
